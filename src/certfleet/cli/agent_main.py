@@ -1,0 +1,5 @@
+"""Entry point placeholder."""
+
+
+def main() -> None:
+    """Run the certfleet CLI."""
