@@ -1,0 +1,56 @@
+"""The deny-list: certificate fingerprints that may no longer connect.
+
+Server processes keep the fingerprints in memory and poll ``denied_since``.
+On PostgreSQL ids are handed out at insert time, so a transaction that commits
+late can add an id lower than one already seen; pollers should also reload
+the whole list now and then.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from certfleet.store.rows import found, upsert_insert
+from certfleet.store.schema import DenylistEntry
+
+
+async def add_denied(
+    session: AsyncSession,
+    cert_sha256: str,
+    *,
+    reason: str,
+    serial: str | None = None,
+    device_uuid: str | None = None,
+) -> DenylistEntry:
+    """Deny a certificate; if it is already denied, the first entry is kept and returned."""
+    sha256 = cert_sha256.lower()
+    values = dict(cert_sha256=sha256, reason=reason, serial=serial, device_uuid=device_uuid)
+    insert = upsert_insert(session, DenylistEntry.__table__).values(**values)
+    await session.execute(insert.on_conflict_do_nothing(index_elements=["cert_sha256"]))
+    query = select(DenylistEntry).where(DenylistEntry.cert_sha256 == sha256)
+    return found(await session.scalar(query), f"deny-list entry {sha256} vanished")
+
+
+async def is_denied(session: AsyncSession, cert_sha256: str) -> bool:
+    """True if the certificate with this fingerprint is deny-listed."""
+    query = select(DenylistEntry.id).where(DenylistEntry.cert_sha256 == cert_sha256.lower())
+    return await session.scalar(query) is not None
+
+
+async def list_denied(
+    session: AsyncSession, *, device_uuid: str | None = None, limit: int = 1000
+) -> list[DenylistEntry]:
+    """Deny-list entries, newest first, optionally of one device."""
+    query = select(DenylistEntry).order_by(DenylistEntry.id.desc()).limit(limit)
+    if device_uuid is not None:
+        query = query.where(DenylistEntry.device_uuid == device_uuid)
+    return list(await session.scalars(query))
+
+
+async def denied_since(
+    session: AsyncSession, after_id: int, *, limit: int = 10000
+) -> list[DenylistEntry]:
+    """Entries with id > ``after_id`` in id order; pass 0 to load from the start."""
+    query = select(DenylistEntry).where(DenylistEntry.id > after_id)
+    return list(await session.scalars(query.order_by(DenylistEntry.id).limit(limit)))
