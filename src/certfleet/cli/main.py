@@ -1,5 +1,35 @@
-"""Entry point placeholder."""
+"""The operator command `certfleet <noun> <verb>`."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from certfleet import __version__
+from certfleet.store.errors import StoreError
+
+from .common import CertfleetGroup, register_user_errors
+from .db_commands import db
+from .keys_commands import keys
+
+
+@click.group(cls=CertfleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="certfleet")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens to stderr.")
+def cli(verbose: bool) -> None:
+    """certfleet: keep the X.509 identities of a device fleet fresh."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+register_user_errors(StoreError)
+cli.add_command(keys)
+cli.add_command(db)
 
 
 def main() -> None:
-    """Run the certfleet CLI."""
+    """Console-script entry point."""
+    cli(prog_name="certfleet")

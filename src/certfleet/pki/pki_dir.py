@@ -45,6 +45,7 @@ class PkiDir:
     def ensure(self) -> None:
         """Create the folder, private to its owner."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.chmod(0o700)
 
     def write_cert(self, stem: str, cert: x509.Certificate, replace: bool = False) -> Path:
         """Write a certificate as PEM."""

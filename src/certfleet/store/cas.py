@@ -70,3 +70,23 @@ async def set_ca_status(session: AsyncSession, ca_id: int, status: CaStatus) -> 
     ca.status_changed_at = utcnow()
     await session.flush()
     return ca
+
+
+async def replace_ca_certificate(
+    session: AsyncSession,
+    ca_id: int,
+    *,
+    cert_pem: str,
+    sha256: str,
+    subject: str,
+    not_before: datetime,
+    not_after: datetime,
+    ski: str | None = None,
+) -> Ca:
+    """Point a CA row at a re-issued certificate (e.g. a renewed TLS server cert)."""
+    ca = found(await session.get(Ca, ca_id), f"no CA with id {ca_id}")
+    ca.cert_pem, ca.sha256, ca.subject = cert_pem, sha256.lower(), subject
+    ca.not_before, ca.not_after, ca.ski = not_before, not_after, ski
+    ca.status_changed_at = utcnow()
+    await session.flush()
+    return ca

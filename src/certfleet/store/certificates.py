@@ -52,3 +52,14 @@ async def list_device_certificates(session: AsyncSession, device_uuid: str) -> l
     """All certificates of a device, oldest first."""
     query = select(Certificate).where(Certificate.device_uuid == device_uuid)
     return list(await session.scalars(query.order_by(Certificate.id)))
+
+
+async def devices_with_certificates_from(session: AsyncSession, ca_id: int) -> list[str]:
+    """Device uuids holding any certificate issued by CA ``ca_id``."""
+    query = (
+        select(Certificate.device_uuid)
+        .where(Certificate.issuer_ca_id == ca_id, Certificate.device_uuid.is_not(None))
+        .distinct()
+        .order_by(Certificate.device_uuid)
+    )
+    return [uuid for uuid in await session.scalars(query) if uuid]
