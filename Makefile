@@ -22,7 +22,7 @@ test: venv lint
 	$(BIN)/pytest -q
 
 demo: venv
-	$(BIN)/python -m certfleet.demo
+	$(BIN)/certfleet quickstart --dir demo-data
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -117,7 +117,7 @@ def ca_create(
         hsm=_hsm_spec(hsm_module, hsm_pin, hsm_token_label, hsm_key_label),
         passphrase=_passphrase(root_passphrase_file),
     )
-    _show(created, as_json, title=f"Factory {factory} created in {pki_dir}")
+    show_cas(created, as_json, title=f"Factory {factory} created in {pki_dir}")
 
 
 @ca.command("show")
@@ -131,7 +131,7 @@ def ca_show(
 ) -> None:
     """Show the hierarchy: subjects, fingerprints, validity, status."""
     cas = run(pki_admin.list_cas, database or default_database(pki_dir), factory)
-    _show(cas, as_json, title="Factory PKI", pretty=pretty)
+    show_cas(cas, as_json, title="Factory PKI", pretty=pretty)
 
 
 @ca.command("add-device-ca")
@@ -252,7 +252,7 @@ def est_authorize(
     console.print(f"EST TLS certificate issued for {info.subject}, valid until {info.not_after}")
 
 
-def _show(cas: list[CaInfo], as_json: bool, title: str, pretty: bool = False) -> None:
+def show_cas(cas: list[CaInfo], as_json: bool, title: str, pretty: bool = False) -> None:
     if as_json:
         print_json([ca.as_dict() for ca in cas])
         return

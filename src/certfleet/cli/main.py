@@ -12,6 +12,7 @@ from certfleet.store.errors import StoreError
 from .common import CertfleetGroup, register_user_errors
 from .db_commands import db
 from .keys_commands import keys
+from .quickstart import quickstart
 
 
 @click.group(cls=CertfleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +29,7 @@ def cli(verbose: bool) -> None:
 register_user_errors(StoreError)
 cli.add_command(keys)
 cli.add_command(db)
+cli.add_command(quickstart)
 
 
 def main() -> None:
