@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -46,3 +47,19 @@ def issue_device_certificate(
         device_uuid, factory, public_key, profiles.Issuer.of(ca_cert), validity, now
     )
     return ca_signer.sign_certificate(builder)
+
+
+@dataclass(frozen=True)
+class FactoryAuthority:
+    """What a server process needs to trust and issue device certs for one factory."""
+
+    factory: str
+    root: x509.Certificate
+    issuing_ca: x509.Certificate
+    issuing_ca_id: int
+    signer: Signer
+    device_cas: dict[str, x509.Certificate] = field(default_factory=dict)  # sha256 -> cert
+
+    def chain(self) -> list[x509.Certificate]:
+        """Issuing CA then root: what /cacerts returns and devices need to build a chain."""
+        return [self.issuing_ca, self.root]

@@ -1,0 +1,55 @@
+"""Load each factory's trust anchors and issuing key for a server process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from certfleet.pki.authority import FactoryAuthority
+from certfleet.pki.errors import PkiError
+from certfleet.pki.pki_dir import PkiDir
+from certfleet.store import cas, factories
+from certfleet.store.schema import Ca, CaKind, CaStatus
+
+DEVICE_CA_KINDS = (CaKind.ONLINE, CaKind.LOCAL)
+
+
+def _cert(row: Ca) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(row.cert_pem.encode())
+
+
+async def load_authority(
+    session: AsyncSession, factory: str, pki_dir: Path, pin: str | None = None
+) -> FactoryAuthority:
+    """Root, online CA (with its signer) and every non-revoked device CA of a factory."""
+    row = await factories.get_factory(session, factory)
+    rows = await cas.list_cas(session, row.id)
+    roots = [c for c in rows if c.kind == CaKind.ROOT]
+    online = [c for c in rows if c.kind == CaKind.ONLINE and c.status == CaStatus.ACTIVE]
+    if not roots or not online or not online[0].key_ref:
+        raise PkiError(f"factory {factory!r} has no root or no active online CA with a key")
+    device_cas = {
+        c.sha256: _cert(c)
+        for c in rows
+        if c.kind in DEVICE_CA_KINDS and c.status != CaStatus.REVOKED
+    }
+    return FactoryAuthority(
+        factory=factory,
+        root=_cert(roots[0]),
+        issuing_ca=_cert(online[0]),
+        issuing_ca_id=online[0].id,
+        signer=PkiDir(pki_dir).load_signer(online[0].key_ref, pin),
+        device_cas=device_cas,
+    )
+
+
+async def load_all_authorities(
+    session: AsyncSession, pki_dir: Path, pin: str | None = None
+) -> dict[str, FactoryAuthority]:
+    """Every factory in the store, by name."""
+    return {
+        f.name: await load_authority(session, f.name, pki_dir, pin)
+        for f in await factories.list_factories(session)
+    }
