@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -194,3 +196,25 @@ def test_write_atomic_sets_mode_and_leaves_no_temp(tmp_path):
     assert path.read_bytes() == b"two"
     assert oct(path.stat().st_mode & 0o777) == "0o400"
     assert [p.name for p in tmp_path.iterdir()] == ["k"]
+
+
+def _csr_builder() -> x509.CertificateSigningRequestBuilder:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-1")])
+    san = x509.SubjectAlternativeName([x509.DNSName("device-1.local")])
+    return x509.CertificateSigningRequestBuilder().subject_name(name).add_extension(san, False)
+
+
+def test_hsm_signs_csr_with_its_own_public_key(softhsm_token, tmp_path):
+    hsm = generate_pkcs11_key(_hsm_ref(softhsm_token), softhsm_token.pin)
+    csr = hsm.sign_csr(_csr_builder())
+    assert csr.is_signature_valid
+    assert csr.public_key().public_numbers() == hsm.public_key.public_numbers()
+    file_csr = FileSigner(generate_private_key()).sign_csr(_csr_builder())
+    assert csr.subject == file_csr.subject
+    assert list(csr.extensions) == list(file_csr.extensions)
+    path = tmp_path / "hsm.csr"
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    done = subprocess.run(
+        ["openssl", "req", "-in", str(path), "-verify", "-noout"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "verify OK" in done.stdout + done.stderr

@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from asn1crypto import crl as asn1_crl
+from asn1crypto import csr as asn1_csr
+from asn1crypto import keys as asn1_keys
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,6 +53,24 @@ class Signer(ABC):
         signature = self.sign(template.tbs_certificate_bytes, self.hash_algorithm)
         der = _assemble(asn1_x509.Certificate, template, "signature_value", signature)
         return x509.load_der_x509_certificate(der)
+
+    def sign_csr(
+        self, builder: x509.CertificateSigningRequestBuilder
+    ) -> x509.CertificateSigningRequest:
+        """Sign a CSR builder with this key (proof of possession of the device key)."""
+        template = builder.sign(_placeholder_key(self.public_key.curve), self.hash_algorithm)
+        request = asn1_csr.CertificationRequest.load(
+            template.public_bytes(serialization.Encoding.DER)
+        )
+        # The builder put the placeholder's public key in the signed part; use ours.
+        info = request["certification_request_info"]
+        info["subject_pk_info"] = asn1_keys.PublicKeyInfo.load(
+            self.public_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        request["signature"] = self.sign(info.dump(force=False), self.hash_algorithm)
+        return x509.load_der_x509_csr(request.dump())
 
     def sign_crl(
         self, builder: x509.CertificateRevocationListBuilder
@@ -99,6 +119,11 @@ class FileSigner(Signer):
         return self._key.exchange(ec.ECDH(), peer)
 
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        return builder.sign(self._key, self.hash_algorithm)
+
+    def sign_csr(
+        self, builder: x509.CertificateSigningRequestBuilder
+    ) -> x509.CertificateSigningRequest:
         return builder.sign(self._key, self.hash_algorithm)
 
     def sign_crl(
