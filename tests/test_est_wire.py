@@ -54,8 +54,9 @@ def oid(dotted: str) -> x509.ObjectIdentifier:
 def test_encode_body_lines():
     der = bytes(range(256)) * 2
     body = wire.encode_body(der)
-    lines = body.split(b"\r\n")
-    assert lines[-1] == b""  # every line, the last too, ends with CRLF
+    lines = body.split(b"\n")
+    assert lines[-1] == b""  # every line, the last too, ends with LF
+    assert b"\r" not in body
     assert all(len(line) == 64 for line in lines[:-2])
     assert 0 < len(lines[-2]) <= 64
     assert b"".join(lines) == base64.b64encode(der)

@@ -15,7 +15,7 @@ from certfleet.pki.errors import PkiError
 from certfleet.pki.hierarchy import ServerNames
 from certfleet.pki.keys import generate_private_key
 from certfleet.store import certificates, devices
-from certfleet.store.authorities import load_all_authorities, load_authority
+from certfleet.store.authorities import load_authority, load_pki_authorities
 from certfleet.store.engine import open_store
 from certfleet.store.errors import NotFoundError
 from certfleet.store.issued import record_device_certificate
@@ -79,7 +79,7 @@ async def test_revoked_device_ca_is_not_trusted(factory, db_url):
     store, pki = factory
     await pki_admin.revoke_device_ca(db_url, pki, "local-ca-1")
     async with store.transaction() as session:
-        authorities = await load_all_authorities(session, pki)
+        authorities = await load_pki_authorities(session, pki)
     assert len(authorities["acme"].device_cas) == 1
 
 
@@ -89,3 +89,19 @@ async def test_disabled_online_ca_cannot_issue(factory, db_url):
     async with store.transaction() as session:
         with pytest.raises(PkiError, match="no active online CA"):
             await load_authority(session, "acme", pki)
+
+
+async def test_a_pki_folder_serves_its_own_factory(factory, db_url, tmp_path):
+    store, pki = factory
+    other = tmp_path / "other"
+    await pki_admin.create_factory(db_url, other, "globex", ServerNames(gateway_dns=["x"]))
+    async with store.transaction() as session:
+        assert list(await load_pki_authorities(session, pki)) == ["acme"]
+        assert list(await load_pki_authorities(session, other)) == ["globex"]
+    stray = tmp_path / "stray"
+    await pki_admin.create_factory(
+        f"sqlite:///{tmp_path}/stray.db", stray, "initech", ServerNames(gateway_dns=["x"])
+    )
+    async with store.transaction() as session:
+        with pytest.raises(PkiError, match="belongs to no factory in this store"):
+            await load_pki_authorities(session, stray)

@@ -151,9 +151,12 @@ def ca_add(pem: Path, pki_dir: Path, database: str | None, factory: str | None) 
 @database_option
 @click.option("--factory", help="Factory name; needed only when the store holds several.")
 def ca_disable(name: str, pki_dir: Path, database: str | None, factory: str | None) -> None:
-    """Stop registering new devices with certificates from CA NAME (devices keep working)."""
+    """Stop registering or renewing devices of CA NAME (its devices keep connecting)."""
     info = run(pki_admin.disable_device_ca, database or default_database(pki_dir), name, factory)
-    console.print(f"device CA {info.name} disabled: it registers no new devices")
+    console.print(
+        f"device CA {info.name} disabled: it registers and renews no devices; "
+        "its devices keep connecting until their certificates are rotated"
+    )
 
 
 @ca.command("revoke-device-ca")

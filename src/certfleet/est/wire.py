@@ -84,9 +84,13 @@ def _not_base64_message(raw: bytes, offset: int) -> str:
 
 
 def encode_body(der: bytes) -> bytes:
-    """Base64 of `der` in CRLF-terminated 64-character lines, as most EST servers send."""
+    """Base64 of `der` in LF-terminated 64-character lines.
+
+    LF rather than CRLF: GNU `base64 -d` refuses CR, and `curl ... | base64 -d`
+    is how people read EST answers; every client must accept both (RFC 8951).
+    """
     text = base64.b64encode(der)
-    return b"".join(text[i : i + LINE_LENGTH] + b"\r\n" for i in range(0, len(text), LINE_LENGTH))
+    return b"".join(text[i : i + LINE_LENGTH] + b"\n" for i in range(0, len(text), LINE_LENGTH))
 
 
 def check_content_type(header: str | None, expected: str) -> None:
@@ -205,7 +209,7 @@ def serverkeygen_multipart(key_pkcs8_der: bytes, cert_pkcs7_der: bytes) -> tuple
             f"Content-Type: {content_type}\r\n"
             "Content-Transfer-Encoding: base64\r\n"
             "\r\n"
-        ).encode("ascii") + encode_body(der)
+        ).encode("ascii") + encode_body(der).replace(b"\n", b"\r\n")  # MIME wants CRLF
     body += f"--{BOUNDARY}--\r\n".encode("ascii")
     return body, f"{MULTIPART_MIXED}; boundary={BOUNDARY}"
 

@@ -38,15 +38,35 @@ def issue_device_certificate(
     factory: str,
     validity: dt.timedelta = profiles.YEAR,
     now: dt.datetime | None = None,
+    keep_sans_of: x509.Certificate | None = None,
 ) -> x509.Certificate:
-    """Check a CSR and sign `CN=<uuid>, OU=<factory>` for its key with the device CA."""
+    """Check a CSR and sign `CN=<uuid>, OU=<factory>` for its key with the device CA.
+
+    On renewal, `keep_sans_of` is the current certificate: its SubjectAltName
+    (already checked equal to the CSR's) carries over to the new one.
+    """
     check_csr_signature(csr)
     public_key = check_key(csr)
     device_uuid = device_uuid_of(csr)
     builder = profiles.device(
-        device_uuid, factory, public_key, profiles.Issuer.of(ca_cert), validity, now
+        device_uuid,
+        factory,
+        public_key,
+        profiles.Issuer.of(ca_cert),
+        validity,
+        now,
+        sans=_sans(keep_sans_of),
     )
     return ca_signer.sign_certificate(builder)
+
+
+def _sans(cert: x509.Certificate | None) -> list[x509.GeneralName] | None:
+    if cert is None:
+        return None
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.pki.authority import FactoryAuthority
 from certfleet.pki.errors import PkiError
-from certfleet.pki.pki_dir import PkiDir
+from certfleet.pki.keys import cert_sha256
+from certfleet.pki.pki_dir import ROOT, PkiDir
 from certfleet.store import cas, factories
 from certfleet.store.schema import Ca, CaKind, CaStatus
 
@@ -45,11 +46,15 @@ async def load_authority(
     )
 
 
-async def load_all_authorities(
+async def load_pki_authorities(
     session: AsyncSession, pki_dir: Path, pin: str | None = None
 ) -> dict[str, FactoryAuthority]:
-    """Every factory in the store, by name."""
-    return {
-        f.name: await load_authority(session, f.name, pki_dir, pin)
-        for f in await factories.list_factories(session)
-    }
+    """The factory whose root is in `pki_dir` (one PKI folder serves one factory), by name."""
+    root_sha256 = cert_sha256(PkiDir(pki_dir).read_cert(ROOT))
+    for factory in await factories.list_factories(session):
+        roots = await cas.list_cas(session, factory.id, kind=CaKind.ROOT)
+        if roots and roots[0].sha256 == root_sha256:
+            return {factory.name: await load_authority(session, factory.name, pki_dir, pin)}
+    raise PkiError(
+        f"the root in {pki_dir} belongs to no factory in this store: check --pki and --database"
+    )
