@@ -11,8 +11,11 @@ from certfleet.store.errors import StoreError
 
 from .common import CertfleetGroup, register_user_errors
 from .db_commands import db
+from .est_commands import est
+from .events_commands import events
 from .keys_commands import keys
 from .quickstart import quickstart
+from .server_command import server
 
 
 @click.group(cls=CertfleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +32,10 @@ def cli(verbose: bool) -> None:
 register_user_errors(StoreError)
 cli.add_command(keys)
 cli.add_command(db)
+cli.add_command(est)
+cli.add_command(events)
 cli.add_command(quickstart)
+cli.add_command(server)
 
 
 def main() -> None:

@@ -1,0 +1,210 @@
+"""`certfleet server`: compose the apps, bind the sockets, run the workers.
+
+The parent process prepares everything that is the same for every worker
+(schema, TLS contexts, listening sockets, the session-ticket secret) and then
+forks; workers share the sockets and hold no state of their own: everything
+lives in the store, so more workers or more machines scale it out. Keys in a
+PKCS#11 token are opened in each worker, after the fork, as PKCS#11 requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from OpenSSL import SSL
+from sqlalchemy import select
+
+from certfleet.est.app import make_est_app
+from certfleet.est.policy import EstPolicy
+from certfleet.est.service import EstService
+from certfleet.pki.errors import PkiError
+from certfleet.pki.pki_dir import EST_TLS, PkiDir
+from certfleet.server_config import ServerConfig, parse_listen
+from certfleet.store.authorities import load_pki_authorities
+from certfleet.store.engine import Store, open_store
+from certfleet.store.migrate import head_revision
+from certfleet.store.schema import Ca, CaKind
+from certfleet.tls.contexts import server_context
+from certfleet.tls.server import start_tls_server
+from certfleet.tls.tickets import TicketKeys
+
+log = logging.getLogger(__name__)
+STOP_GRACE_SECONDS = 10
+
+
+@dataclass
+class Prepared:
+    """What the parent hands every worker."""
+
+    est_socket: socket.socket
+    est_context: SSL.Context | ssl.SSLContext
+    ticket_keys: TicketKeys | None
+    policy: EstPolicy
+
+
+async def _check_schema(config: ServerConfig) -> list[x509.Certificate]:
+    """Migrate SQLite (nothing to install there); ask for `db upgrade` on PostgreSQL."""
+    is_sqlite = config.database_url.startswith("sqlite")
+    store = await open_store(config.database_url, upgrade=is_sqlite)
+    try:
+        revision = await store.current_revision()
+        if revision != head_revision():
+            raise PkiError(
+                f"the database schema is at {revision or 'nothing'}, this server needs "
+                f"{head_revision()}: run `certfleet db upgrade --database ...`"
+            )
+        return await _trusted_for_clients(store)
+    finally:
+        await store.close()
+
+
+async def _trusted_for_clients(store: Store) -> list[x509.Certificate]:
+    # Revoked and disabled CAs stay trusted at the TLS layer on purpose: the
+    # apps then refuse their devices with a message, not a bare handshake error.
+    kinds = (CaKind.ROOT, CaKind.ONLINE, CaKind.LOCAL)
+    async with store.transaction() as session:
+        rows = await session.scalars(select(Ca).where(Ca.kind.in_(kinds)))
+        return [x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in rows]
+
+
+def _bind(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
+    try:
+        sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
+    except OSError as exc:
+        raise PkiError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def prepare(config: ServerConfig) -> Prepared:
+    """Everything shared by the workers; done once, before they start."""
+    config.check()
+    trusted = asyncio.run(_check_schema(config))
+    pki = PkiDir(config.pki)
+    context = server_context(
+        pki.cert_path(EST_TLS),
+        pki.key_path(EST_TLS),
+        trusted,
+        require_client_cert=False,
+        stack=config.tls_stack,  # type: ignore[arg-type]
+    )
+    tickets = TicketKeys(os.urandom(32)) if config.tls_stack == "openssl4" else None
+    return Prepared(_bind(config.listen_est), context, tickets, EstPolicy.from_settings(config.est))
+
+
+async def run_worker(config: ServerConfig, prepared: Prepared) -> None:
+    """One worker: serve until SIGTERM or SIGINT, then close cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    store = await open_store(config.database_url)
+    try:
+        async with store.transaction() as session:
+            authorities = await load_pki_authorities(session, config.pki, config.hsm_pin)
+        app = make_est_app(EstService(store, authorities, prepared.policy), prepared.policy)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        server = await start_tls_server(
+            runner.server,
+            None,
+            None,
+            prepared.est_context,
+            sock=prepared.est_socket,
+            ticket_keys=prepared.ticket_keys,
+        )
+        log.info("worker %d serving EST", os.getpid())
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
+        await runner.cleanup()
+    finally:
+        await store.close()
+
+
+def _spawn(config: ServerConfig, prepared: Prepared) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            asyncio.run(run_worker(config, prepared))
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def serve(config: ServerConfig, announce: Any = print) -> None:
+    """Run the server in the foreground until SIGTERM or Ctrl-C."""
+    prepared = prepare(config)
+    host, port = prepared.est_socket.getsockname()[:2]
+    announce(
+        f"EST server on https://{host}:{port}/.well-known/est/ "
+        f"({config.workers} worker(s), TLS stack {config.tls_stack}, "
+        f"store {config.database_url.split('?')[0]})"
+    )
+    if config.workers == 1:
+        asyncio.run(run_worker(config, prepared))
+        return
+    _supervise(config, prepared)
+
+
+def _supervise(config: ServerConfig, prepared: Prepared) -> None:
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            _kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    children = {_spawn(config, prepared) for _ in range(config.workers)}
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        children.discard(pid)
+        if not stopping:
+            log.error("worker %d exited (status %d); starting another", pid, status)
+            time.sleep(1)
+            children.add(_spawn(config, prepared))
+    _reap(children)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(children: set[int]) -> None:
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while children and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            children.discard(pid)
+        else:
+            time.sleep(0.05)
+    for pid in children:
+        _kill(pid, signal.SIGKILL)

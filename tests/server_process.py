@@ -1,0 +1,63 @@
+"""Start and stop a real `certfleet server` process for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait until the port accepts connections; fail with the server's output if it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            out = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"server exited with {process.returncode}: {out}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"server did not listen on {port} within {timeout} s")
+
+
+class ServerProcess:
+    """`certfleet server ARGS` in the background, stopped with SIGTERM."""
+
+    def __init__(self, *args: str, port: int, env: dict | None = None) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            [str(BIN / "certfleet"), "-v", "server", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "COLUMNS": "200", **(env or {})},
+            start_new_session=True,
+        )
+        wait_listening(port, self.process)
+
+    def stop(self, timeout: float = 15) -> tuple[int, str]:
+        """SIGTERM, wait, and return (exit code, output)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            out, _ = self.process.communicate()
+            raise AssertionError(f"server ignored SIGTERM for {timeout} s: {out}") from None
+        return self.process.returncode, out

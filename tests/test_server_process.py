@@ -1,0 +1,277 @@
+"""`certfleet server` as a real process, driven by the real `certfleet-agent est` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+
+import pytest
+from cryptography import x509
+
+from .cli_run import BIN, certfleet
+from .server_process import ServerProcess, free_port
+
+NAMES = ["--gateway-dns", "localhost", "--gateway-ip", "127.0.0.1"]
+
+
+def agent(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(BIN / "certfleet-agent"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+    assert done.returncode == expect, f"exit {done.returncode}: {done.stdout} {done.stderr}"
+    return done
+
+
+@pytest.fixture
+def pki(tmp_path, db_url):
+    folder = tmp_path / "pki"
+    certfleet(
+        "keys", "ca", "create", str(folder), "--factory", "acme", *NAMES, "--database", db_url
+    )
+    if db_url.startswith("postgresql"):
+        certfleet("db", "upgrade", "--database", db_url, "--pki", str(folder))
+    return folder, db_url
+
+
+@pytest.mark.parametrize("stack", ["openssl4", "stdlib"])
+def test_enroll_then_renew_through_two_workers(pki, tmp_path, stack):
+    folder, db_url = pki
+    port = free_port()
+    server = ServerProcess(
+        "--pki",
+        str(folder),
+        "--database",
+        db_url,
+        "--listen-est",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--tls-stack",
+        stack,
+        port=port,
+    )
+    try:
+        device = str(uuid.uuid4())
+        created = json.loads(
+            certfleet(
+                "est",
+                "credentials",
+                "create",
+                "--device",
+                device,
+                "--pki",
+                str(folder),
+                "--database",
+                db_url,
+                "--json",
+            ).stdout
+        )
+        url = f"https://127.0.0.1:{port}"
+        root = folder / "root.crt"
+        agent(
+            "est",
+            "enroll",
+            "--server",
+            url,
+            "--trust",
+            str(root),
+            "--device",
+            device,
+            "--user",
+            created["username"],
+            "--key-out",
+            str(tmp_path / "d1.key"),
+            "--cert-out",
+            str(tmp_path / "d1.crt"),
+            env={"CERTFLEET_EST_PASSWORD": created["password"]},
+        )
+        assert oct((tmp_path / "d1.key").stat().st_mode & 0o777) == "0o600"
+        chain = tmp_path / "chain.pem"
+        agent("est", "cacerts", "--server", url, "--trust", str(root), "--out", str(chain))
+        first = x509.load_pem_x509_certificate((tmp_path / "d1.crt").read_bytes())
+        assert first.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == device
+        agent(
+            "est",
+            "reenroll",
+            "--server",
+            url,
+            "--trust",
+            str(root),
+            "--cert",
+            str(tmp_path / "d1.crt"),
+            "--key",
+            str(tmp_path / "d1.key"),
+            "--key-out",
+            str(tmp_path / "d2.key"),
+            "--cert-out",
+            str(tmp_path / "d2.crt"),
+        )
+        second = x509.load_pem_x509_certificate((tmp_path / "d2.crt").read_bytes())
+        assert second.subject == first.subject and second.public_key() != first.public_key()
+        for cert in ("d1.crt", "d2.crt"):
+            done = subprocess.run(
+                [
+                    "openssl",
+                    "verify",
+                    "-CAfile",
+                    str(root),
+                    "-untrusted",
+                    str(chain),
+                    str(tmp_path / cert),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, done.stderr
+        refused = agent(
+            "est",
+            "reenroll",
+            "--server",
+            url,
+            "--trust",
+            str(root),
+            "--cert",
+            str(tmp_path / "d1.crt"),
+            "--key",
+            str(tmp_path / "d1.key"),
+            "--key-out",
+            str(tmp_path / "d1.key"),
+            "--cert-out",
+            str(tmp_path / "x.crt"),
+            expect=2,
+        )
+        assert "key" in refused.stderr and "400" in refused.stderr
+    finally:
+        code, out = server.stop()
+    assert code == 0, out
+    assert "worker" in out and "Traceback" not in out
+
+
+def test_bootstrap_cacerts_needs_the_right_fingerprint(pki, tmp_path):
+    folder, db_url = pki
+    port = free_port()
+    server = ServerProcess(
+        "--pki", str(folder), "--database", db_url, "--listen-est", f"127.0.0.1:{port}", port=port
+    )
+    try:
+        url = f"https://127.0.0.1:{port}"
+        right = subprocess.run(
+            [
+                "openssl",
+                "x509",
+                "-in",
+                str(folder / "root.crt"),
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        fingerprint = right.stdout.strip().split("=")[1]
+        out = tmp_path / "anchor.pem"
+        agent(
+            "est",
+            "cacerts",
+            "--server",
+            url,
+            "--bootstrap",
+            "--fingerprint",
+            fingerprint,
+            "--out",
+            str(out),
+        )
+        subjects = {
+            c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(out.read_bytes())
+        }
+        assert subjects == {"OU=acme,CN=Factory-CA", "OU=acme,CN=Online-CA"}
+        wrong = agent(
+            "est",
+            "cacerts",
+            "--server",
+            url,
+            "--bootstrap",
+            "--fingerprint",
+            "00" * 32,
+            "--out",
+            str(tmp_path / "no.pem"),
+            expect=2,
+        )
+        assert "do not trust this server" in wrong.stderr
+        assert not (tmp_path / "no.pem").exists()
+    finally:
+        server.stop()
+
+
+def test_config_file_and_bad_settings(tmp_path):
+    folder = tmp_path / "pki"
+    certfleet("keys", "ca", "create", str(folder), "--factory", "acme", *NAMES)
+    port = free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'pki = "{folder}"\nlisten_est = "127.0.0.1:{port}"\n[est]\nserverkeygen_enabled = true\n'
+    )
+    server = ServerProcess("--config", str(config), port=port)
+    code, out = server.stop()
+    assert code == 0, out
+    config.write_text(f'pki = "{folder}"\nlisten_sst = "x"\n')
+    done = certfleet("server", "--config", str(config), expect=2)
+    assert "unknown setting(s)" in done.stderr and "listen_sst" in done.stderr
+    done = certfleet("server", "--pki", str(folder), "--listen-est", "nowhere", expect=2)
+    assert "must look like 127.0.0.1:8443" in done.stderr
+    done = certfleet("server", "--pki", str(tmp_path / "empty"), expect=2)
+    assert "keys ca create" in done.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    folder = tmp_path / "pki"
+    certfleet("keys", "ca", "create", str(folder), "--factory", "acme", *NAMES)
+    port = free_port()
+    server = ServerProcess("--pki", str(folder), "--listen-est", f"127.0.0.1:{port}", port=port)
+    try:
+        done = certfleet(
+            "server", "--pki", str(folder), "--listen-est", f"127.0.0.1:{port}", expect=2
+        )
+        assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    finally:
+        server.stop()
+
+
+def test_a_killed_worker_is_replaced(tmp_path):
+    folder = tmp_path / "pki"
+    certfleet("keys", "ca", "create", str(folder), "--factory", "acme", *NAMES)
+    port = free_port()
+    server = ServerProcess(
+        "--pki", str(folder), "--listen-est", f"127.0.0.1:{port}", "--workers", "2", port=port
+    )
+    try:
+        children = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 2
+        os.kill(int(children[0]), signal.SIGKILL)
+        import time
+
+        time.sleep(2.5)
+        after = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(after) == 2 and children[0] not in after
+        agent(
+            "est",
+            "cacerts",
+            "--server",
+            f"https://127.0.0.1:{port}",
+            "--trust",
+            str(folder / "root.crt"),
+        )
+    finally:
+        code, out = server.stop()
+    assert "starting another" in out
