@@ -224,6 +224,12 @@ def test_config_file_and_bad_settings(tmp_path):
     config.write_text(f'pki = "{folder}"\nlisten_sst = "x"\n')
     done = certfleet("server", "--config", str(config), expect=2)
     assert "unknown setting(s)" in done.stderr and "listen_sst" in done.stderr
+    config.write_text(f'pki = "{folder}"\n[est]\nvalidity_days = "long"\n')
+    done = certfleet("server", "--config", str(config), expect=2)
+    assert "[est] settings" in done.stderr and "validity_days = 'long'" in done.stderr
+    config.write_text(f'pki = "{folder}"\n[est]\nserverkeygen = true\n')
+    done = certfleet("server", "--config", str(config), expect=2)
+    assert "unknown EST setting(s) serverkeygen" in done.stderr
     done = certfleet("server", "--pki", str(folder), "--listen-est", "nowhere", expect=2)
     assert "must look like 127.0.0.1:8443" in done.stderr
     done = certfleet("server", "--pki", str(tmp_path / "empty"), expect=2)

@@ -100,7 +100,11 @@ def prepare(config: ServerConfig) -> Prepared:
         stack=config.tls_stack,  # type: ignore[arg-type]
     )
     tickets = TicketKeys(os.urandom(32)) if config.tls_stack == "openssl4" else None
-    return Prepared(_bind(config.listen_est), context, tickets, EstPolicy.from_settings(config.est))
+    try:
+        policy = EstPolicy.from_settings(config.est)
+    except ValueError as exc:
+        raise PkiError(f"[est] settings: {exc}") from exc
+    return Prepared(_bind(config.listen_est), context, tickets, policy)
 
 
 async def run_worker(config: ServerConfig, prepared: Prepared) -> None:

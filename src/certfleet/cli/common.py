@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from certfleet.pki.errors import PkiError
 
@@ -38,7 +39,10 @@ class CertfleetGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as exc:
             log.info("refused: %s", exc)
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            # escape(): messages quote user input and TOML tables like [est], not markup.
+            err_console.print(
+                f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             sys.exit(2)
 
 
