@@ -281,3 +281,54 @@ def test_a_killed_worker_is_replaced(tmp_path):
     finally:
         code, out = server.stop()
     assert "starting another" in out
+
+
+def test_enroll_a_key_made_inside_softhsm(tmp_path, softhsm_token):
+    folder = tmp_path / "pki"
+    certfleet("keys", "ca", "create", str(folder), "--factory", "acme", *NAMES)
+    port = free_port()
+    server = ServerProcess("--pki", str(folder), "--listen-est", f"127.0.0.1:{port}", port=port)
+    try:
+        device = str(uuid.uuid4())
+        created = json.loads(
+            certfleet(
+                "est", "credentials", "create", "--device", device, "--pki", str(folder), "--json"
+            ).stdout
+        )
+        hsm = [
+            "--hsm-module",
+            softhsm_token.module,
+            "--hsm-token-label",
+            softhsm_token.label,
+            "--hsm-key-id",
+            "07",
+        ]
+        agent(
+            "est",
+            "enroll",
+            "--server",
+            f"https://127.0.0.1:{port}",
+            "--trust",
+            str(folder / "root.crt"),
+            "--device",
+            device,
+            "--user",
+            created["username"],
+            "--cert-out",
+            str(tmp_path / "hsm.crt"),
+            *hsm,
+            env={
+                "CERTFLEET_EST_PASSWORD": created["password"],
+                "CERTFLEET_HSM_PIN": softhsm_token.pin,
+            },
+        )
+    finally:
+        server.stop()
+    from certfleet.pki.pkcs11_signer import Pkcs11Ref, Pkcs11Signer
+
+    token_key = Pkcs11Signer(
+        Pkcs11Ref(softhsm_token.module, softhsm_token.label, key_id=b"\x07"), softhsm_token.pin
+    ).public_key
+    cert = x509.load_pem_x509_certificate((tmp_path / "hsm.crt").read_bytes())
+    assert cert.public_key().public_numbers() == token_key.public_numbers()
+    assert not list(tmp_path.glob("*.key")), "no key file: the key stays in the token"

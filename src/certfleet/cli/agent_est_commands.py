@@ -20,7 +20,12 @@ from certfleet.est.client import (
 from certfleet.pki.errors import PkiError
 from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem
-from certfleet.pki.pkcs11_signer import Pkcs11Ref, Pkcs11Signer, parse_hex_id
+from certfleet.pki.pkcs11_signer import (
+    Pkcs11Ref,
+    Pkcs11Signer,
+    generate_pkcs11_key,
+    parse_hex_id,
+)
 from certfleet.pki.signer import FileSigner, Signer, load_file_signer
 
 from .common import CertfleetGroup, console, run
@@ -82,7 +87,14 @@ def _new_key_signer(
     if module:
         if not (token and key_id):
             raise click.UsageError("--hsm-module needs --hsm-token-label and --hsm-key-id")
-        return Pkcs11Signer(Pkcs11Ref(module, token, key_id=parse_hex_id(key_id)), pin)
+        ref = Pkcs11Ref(module, token, label=f"certfleet-key-{key_id}", key_id=parse_hex_id(key_id))
+        try:
+            return Pkcs11Signer(Pkcs11Ref(module, token, key_id=ref.key_id), pin)
+        except PkiError as exc:
+            if "no EC key" not in str(exc):
+                raise
+        # An empty slot: the new key is made inside the token and never leaves it.
+        return generate_pkcs11_key(ref, pin)
     if key_out is None:
         raise click.UsageError("give --key-out FILE (or --hsm-module ...) for the new key")
     if key_out.exists():
