@@ -1,0 +1,85 @@
+"""Event topics and the JSON envelope every sink receives.
+
+An envelope is ``{"id", "topic", "device", "time", "data"}``: ``id`` is the
+outbox row id as a string (the same on every redelivery, so receivers
+de-duplicate by it), ``device`` the device uuid or null, ``time`` when the
+event was written (UTC, RFC 3339) and ``data`` the topic's payload.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from certfleet.store.schema import OutboxEvent
+
+DEVICE_REGISTERED = "DEVICE_REGISTERED"
+DEVICE_DELETED = "DEVICE_DELETED"
+DEVICE_PUBKEY_CHANGE = "DEVICE_PUBKEY_CHANGE"
+DEVICE_CONFIG_CHANGED = "DEVICE_CONFIG_CHANGED"
+DEVICE_CONFIG_APPLIED = "DEVICE_CONFIG_APPLIED"
+CERT_ISSUED = "CERT_ISSUED"
+CA_ADDED = "CA_ADDED"
+CA_DISABLED = "CA_DISABLED"
+CA_REVOKED = "CA_REVOKED"
+DENYLIST_ADDED = "DENYLIST_ADDED"
+ROTATION_STEP = "ROTATION_STEP"
+# Alerts: something was refused that an operator should look at.
+NEXT_KEY_REFUSED = "NEXT_KEY_REFUSED"
+
+ALERTS = frozenset({NEXT_KEY_REFUSED})
+TOPICS = frozenset(
+    {
+        DEVICE_REGISTERED,
+        DEVICE_DELETED,
+        DEVICE_PUBKEY_CHANGE,
+        DEVICE_CONFIG_CHANGED,
+        DEVICE_CONFIG_APPLIED,
+        CERT_ISSUED,
+        CA_ADDED,
+        CA_DISABLED,
+        CA_REVOKED,
+        DENYLIST_ADDED,
+        ROTATION_STEP,
+    }
+    | ALERTS
+)
+
+
+def rfc3339(moment: datetime) -> str:
+    """``moment`` in UTC as RFC 3339 with a ``Z`` suffix."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One event as delivered to webhooks and NATS."""
+
+    id: str
+    topic: str
+    device: str | None
+    time: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: OutboxEvent) -> Envelope:
+        """The envelope of an outbox row."""
+        return cls(
+            str(event.id), event.topic, event.device_uuid, rfc3339(event.created_at), event.payload
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope as a JSON-ready dict."""
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "device": self.device,
+            "time": self.time,
+            "data": self.data,
+        }
+
+    def body(self) -> bytes:
+        """The exact bytes sent (and signed): compact JSON with sorted keys."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
