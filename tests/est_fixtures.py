@@ -51,6 +51,7 @@ from certfleet.store.schema import (
     Device,
     EstCredential,
     EstPending,
+    OutboxEvent,
     RegisteredVia,
 )
 
@@ -310,7 +311,7 @@ class EstEnv:
         async with self.store.transaction() as session:
             counts = {
                 table.__tablename__: await session.scalar(select(func.count()).select_from(table))
-                for table in (Certificate, Device, EstPending, AuditEntry)
+                for table in (Certificate, Device, EstPending, AuditEntry, OutboxEvent)
             }
             used = select(func.count()).where(EstCredential.used_at.is_not(None))
             counts["credentials_used"] = await session.scalar(used)

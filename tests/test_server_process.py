@@ -332,3 +332,83 @@ def test_enroll_a_key_made_inside_softhsm(tmp_path, softhsm_token):
     cert = x509.load_pem_x509_certificate((tmp_path / "hsm.crt").read_bytes())
     assert cert.public_key().public_numbers() == token_key.public_numbers()
     assert not list(tmp_path.glob("*.key")), "no key file: the key stays in the token"
+
+
+class _Receiver:
+    """A webhook receiver on 127.0.0.1 that records what it gets."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_server_delivers_events_to_a_signed_webhook(tmp_path):
+    import time
+
+    from certfleet.events.webhook import verify_signature
+
+    folder = tmp_path / "pki"
+    certfleet("keys", "ca", "create", str(folder), "--factory", "acme", *NAMES)
+    receiver = _Receiver()
+    secret = "s3cret-for-tests-only"
+    port = free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'pki = "{folder}"\nlisten_est = "127.0.0.1:{port}"\nworkers = 2\n'
+        f'[events]\n[[events.webhooks]]\nurl = "{receiver.url}"\n'
+        f'secret = "{secret}"\n'
+    )
+    server = ServerProcess("--config", str(config), port=port)
+    try:
+        device = str(uuid.uuid4())
+        created = json.loads(
+            certfleet(
+                "est", "credentials", "create", "--device", device, "--pki", str(folder), "--json"
+            ).stdout
+        )
+        agent(
+            "est",
+            "enroll",
+            "--server",
+            f"https://127.0.0.1:{port}",
+            "--trust",
+            str(folder / "root.crt"),
+            "--device",
+            device,
+            "--user",
+            created["username"],
+            "--key-out",
+            str(tmp_path / "d.key"),
+            "--cert-out",
+            str(tmp_path / "d.crt"),
+            env={"CERTFLEET_EST_PASSWORD": created["password"]},
+        )
+        deadline = time.monotonic() + 10
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        code, out = server.stop()
+        receiver.server.shutdown()
+    assert code == 0, out
+    assert len(receiver.received) == 1, "one loop on SQLite: delivered once"
+    headers, body = receiver.received[0]
+    assert verify_signature(secret, body, headers["X-Certfleet-Signature"])
+    event = json.loads(body)
+    assert event["topic"] == "CERT_ISSUED" and event["device"] == device
+    assert secret not in out

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from certfleet.est.app import make_est_app
 from certfleet.est.policy import EstPolicy
 from certfleet.est.service import EstService
+from certfleet.events.config import EventsSettings, delivery_loop, parse_events_settings
 from certfleet.pki.errors import PkiError
 from certfleet.pki.pki_dir import EST_TLS, PkiDir
 from certfleet.server_config import ServerConfig, parse_listen
@@ -50,6 +51,7 @@ class Prepared:
     est_context: SSL.Context | ssl.SSLContext
     ticket_keys: TicketKeys | None
     policy: EstPolicy
+    events: EventsSettings
 
 
 async def _check_schema(config: ServerConfig) -> list[x509.Certificate]:
@@ -104,10 +106,14 @@ def prepare(config: ServerConfig) -> Prepared:
         policy = EstPolicy.from_settings(config.est)
     except ValueError as exc:
         raise PkiError(f"[est] settings: {exc}") from exc
-    return Prepared(_bind(config.listen_est), context, tickets, policy)
+    try:
+        events = parse_events_settings({"events": config.events})
+    except ValueError as exc:
+        raise PkiError(f"[events] settings: {exc}") from exc
+    return Prepared(_bind(config.listen_est), context, tickets, policy, events)
 
 
-async def run_worker(config: ServerConfig, prepared: Prepared) -> None:
+async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -> None:
     """One worker: serve until SIGTERM or SIGINT, then close cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -129,7 +135,10 @@ async def run_worker(config: ServerConfig, prepared: Prepared) -> None:
             ticket_keys=prepared.ticket_keys,
         )
         log.info("worker %d serving EST", os.getpid())
+        delivery = _delivery_task(config, prepared, store, index, stop)
         await stop.wait()
+        if delivery is not None:
+            await delivery
         server.close()
         await server.wait_closed()
         await runner.cleanup()
@@ -137,14 +146,28 @@ async def run_worker(config: ServerConfig, prepared: Prepared) -> None:
         await store.close()
 
 
-def _spawn(config: ServerConfig, prepared: Prepared) -> int:
+def _delivery_task(
+    config: ServerConfig, prepared: Prepared, store: Store, index: int, stop: asyncio.Event
+) -> asyncio.Task | None:
+    # SQLite runs one delivery loop per database (worker 0); on PostgreSQL every
+    # worker runs one and SKIP LOCKED keeps them from sending an event twice.
+    if index > 0 and config.database_url.startswith("sqlite"):
+        return None
+    loop = delivery_loop(store, prepared.events)
+    if loop is None:
+        return None
+    log.info("worker %d delivers events", os.getpid())
+    return asyncio.create_task(loop.run(stop))
+
+
+def _spawn(config: ServerConfig, prepared: Prepared, index: int) -> int:
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            asyncio.run(run_worker(config, prepared))
+            asyncio.run(run_worker(config, prepared, index))
         except BaseException:
             log.exception("worker %d failed", os.getpid())
             code = 1
@@ -179,7 +202,7 @@ def _supervise(config: ServerConfig, prepared: Prepared) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children = {_spawn(config, prepared) for _ in range(config.workers)}
+    children = {_spawn(config, prepared, index): index for index in range(config.workers)}
     while children:
         try:
             pid, status = os.wait()
@@ -187,12 +210,12 @@ def _supervise(config: ServerConfig, prepared: Prepared) -> None:
             break
         except InterruptedError:
             continue
-        children.discard(pid)
-        if not stopping:
+        index = children.pop(pid, None)
+        if not stopping and index is not None:
             log.error("worker %d exited (status %d); starting another", pid, status)
             time.sleep(1)
-            children.add(_spawn(config, prepared))
-    _reap(children)
+            children[_spawn(config, prepared, index)] = index
+    _reap(set(children))
 
 
 def _kill(pid: int, signum: int) -> None:

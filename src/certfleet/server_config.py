@@ -22,6 +22,7 @@ class ServerConfig:
     tls_stack: str = "openssl4"
     hsm_pin: str | None = field(default=None, repr=False)
     est: dict[str, Any] = field(default_factory=dict)
+    events: dict[str, Any] = field(default_factory=dict)
 
     @property
     def database_url(self) -> str:

@@ -36,7 +36,8 @@ from certfleet.pki.csr import (
 from certfleet.pki.errors import PkiError
 from certfleet.pki.keys import cert_sha256, generate_private_key, pubkey_sha256
 from certfleet.pki.pkcs7 import certs_only
-from certfleet.store import audit, cas, certificates, denylist, devices, est, factories
+from certfleet.protocol import CERT_ISSUED
+from certfleet.store import audit, cas, certificates, denylist, devices, est, factories, outbox
 from certfleet.store.engine import Store
 from certfleet.store.errors import DuplicateError, NotFoundError
 from certfleet.store.issued import record_device_certificate
@@ -475,6 +476,18 @@ class EstService:
             request=request.name,
             registered_via=RegisteredVia.EST,
             make_current=order.make_current,
+        )
+        await outbox.append_event(
+            session,
+            CERT_ISSUED,
+            {
+                "uuid": order.device_uuid,
+                "serial": f"{cert.serial_number:x}",
+                "sha256": row.sha256,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "request": request.name,
+            },
+            device_uuid=order.device_uuid,
         )
         await audit.append_audit(
             session,

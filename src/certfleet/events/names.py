@@ -13,39 +13,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from certfleet.store.schema import OutboxEvent
-
-DEVICE_REGISTERED = "DEVICE_REGISTERED"
-DEVICE_DELETED = "DEVICE_DELETED"
-DEVICE_PUBKEY_CHANGE = "DEVICE_PUBKEY_CHANGE"
-DEVICE_CONFIG_CHANGED = "DEVICE_CONFIG_CHANGED"
-DEVICE_CONFIG_APPLIED = "DEVICE_CONFIG_APPLIED"
-CERT_ISSUED = "CERT_ISSUED"
-CA_ADDED = "CA_ADDED"
-CA_DISABLED = "CA_DISABLED"
-CA_REVOKED = "CA_REVOKED"
-DENYLIST_ADDED = "DENYLIST_ADDED"
-ROTATION_STEP = "ROTATION_STEP"
-# Alerts: something was refused that an operator should look at.
-NEXT_KEY_REFUSED = "NEXT_KEY_REFUSED"
-
-ALERTS = frozenset({NEXT_KEY_REFUSED})
-TOPICS = frozenset(
-    {
-        DEVICE_REGISTERED,
-        DEVICE_DELETED,
-        DEVICE_PUBKEY_CHANGE,
-        DEVICE_CONFIG_CHANGED,
-        DEVICE_CONFIG_APPLIED,
-        CERT_ISSUED,
-        CA_ADDED,
-        CA_DISABLED,
-        CA_REVOKED,
-        DENYLIST_ADDED,
-        ROTATION_STEP,
-    }
-    | ALERTS
+from certfleet.protocol import (  # noqa: F401 (re-exported for events users)
+    ALERTS,
+    CA_ADDED,
+    CA_DISABLED,
+    CA_REVOKED,
+    CERT_ISSUED,
+    DENYLIST_ADDED,
+    DEVICE_CONFIG_APPLIED,
+    DEVICE_CONFIG_CHANGED,
+    DEVICE_DELETED,
+    DEVICE_PUBKEY_CHANGE,
+    DEVICE_REGISTERED,
+    NEXT_KEY_REFUSED,
+    ROTATION_STEP,
+    TOPICS,
 )
+from certfleet.store.schema import OutboxEvent
 
 
 def rfc3339(moment: datetime) -> str:

@@ -1,0 +1,39 @@
+"""Wire names shared by every component: event topics (see docs/gateway.md).
+
+They live here, not in `events/`, so that components which may not import
+`events/` (the EST server) can still name what they append to the outbox.
+"""
+
+from __future__ import annotations
+
+DEVICE_REGISTERED = "DEVICE_REGISTERED"
+DEVICE_DELETED = "DEVICE_DELETED"
+DEVICE_PUBKEY_CHANGE = "DEVICE_PUBKEY_CHANGE"
+DEVICE_CONFIG_CHANGED = "DEVICE_CONFIG_CHANGED"
+DEVICE_CONFIG_APPLIED = "DEVICE_CONFIG_APPLIED"
+CERT_ISSUED = "CERT_ISSUED"
+CA_ADDED = "CA_ADDED"
+CA_DISABLED = "CA_DISABLED"
+CA_REVOKED = "CA_REVOKED"
+DENYLIST_ADDED = "DENYLIST_ADDED"
+ROTATION_STEP = "ROTATION_STEP"
+# Alerts: something was refused that an operator should look at.
+NEXT_KEY_REFUSED = "NEXT_KEY_REFUSED"
+
+ALERTS = frozenset({NEXT_KEY_REFUSED})
+TOPICS = frozenset(
+    {
+        DEVICE_REGISTERED,
+        DEVICE_DELETED,
+        DEVICE_PUBKEY_CHANGE,
+        DEVICE_CONFIG_CHANGED,
+        DEVICE_CONFIG_APPLIED,
+        CERT_ISSUED,
+        CA_ADDED,
+        CA_DISABLED,
+        CA_REVOKED,
+        DENYLIST_ADDED,
+        ROTATION_STEP,
+    }
+    | ALERTS
+)
