@@ -20,15 +20,10 @@ from certfleet.est.client import (
 from certfleet.pki.errors import PkiError
 from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem
-from certfleet.pki.pkcs11_signer import (
-    Pkcs11Ref,
-    Pkcs11Signer,
-    generate_pkcs11_key,
-    parse_hex_id,
-)
-from certfleet.pki.signer import FileSigner, Signer, load_file_signer
+from certfleet.pki.signer import FileSigner
 
 from .common import CertfleetGroup, console, run
+from .device_keys import hsm_options, make_csr, new_key_signer
 
 PASSWORD_ENV = "CERTFLEET_EST_PASSWORD"
 
@@ -55,62 +50,10 @@ def _server_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
-def _hsm_options(fn: click.decorators.FC) -> click.decorators.FC:
-    for option in reversed(
-        [
-            click.option(
-                "--hsm-module", metavar="PATH", help="PKCS#11 module holding the new key."
-            ),
-            click.option("--hsm-token-label", metavar="LABEL"),
-            click.option("--hsm-key-id", metavar="HEX", help="Object id of the key, in hex (01)."),
-            click.option("--hsm-pin", envvar="CERTFLEET_HSM_PIN", help="Or set CERTFLEET_HSM_PIN."),
-        ]
-    ):
-        fn = option(fn)
-    return fn
-
-
 def _trust(path: Path | None) -> list[x509.Certificate]:
     if path is None:
         raise click.UsageError("give --trust ROOT.pem (get it with `est cacerts --bootstrap`)")
     return x509.load_pem_x509_certificates(path.read_bytes())
-
-
-def _new_key_signer(
-    key_out: Path | None,
-    module: str | None,
-    token: str | None,
-    key_id: str | None,
-    pin: str | None,
-) -> Signer:
-    """The key the CSR is for: an existing token key, or a new file key (0600)."""
-    if module:
-        if not (token and key_id):
-            raise click.UsageError("--hsm-module needs --hsm-token-label and --hsm-key-id")
-        ref = Pkcs11Ref(module, token, label=f"certfleet-key-{key_id}", key_id=parse_hex_id(key_id))
-        try:
-            return Pkcs11Signer(Pkcs11Ref(module, token, key_id=ref.key_id), pin)
-        except PkiError as exc:
-            if "no EC key" not in str(exc):
-                raise
-        # An empty slot: the new key is made inside the token and never leaves it.
-        return generate_pkcs11_key(ref, pin)
-    if key_out is None:
-        raise click.UsageError("give --key-out FILE (or --hsm-module ...) for the new key")
-    if key_out.exists():
-        return load_file_signer(key_out)
-    key = generate_private_key()
-    write_atomic(key_out, private_key_pem(key), 0o600)
-    return FileSigner(key, f"file:{key_out}")
-
-
-def _csr(
-    signer: Signer, subject: x509.Name, sans: x509.SubjectAlternativeName | None = None
-) -> x509.CertificateSigningRequest:
-    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
-    if sans is not None:
-        builder = builder.add_extension(sans, critical=False)
-    return signer.sign_csr(builder)
 
 
 def _write_cert(cert: x509.Certificate, out: Path) -> None:
@@ -218,7 +161,7 @@ def csrattrs(server: str, trust: Path | None, label: str | None, max_wait: int) 
     help="Where the device key is (created 0600 if missing).",
 )
 @click.option("--cert-out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@_hsm_options
+@hsm_options
 def enroll(
     server: str,
     trust: Path | None,
@@ -238,10 +181,10 @@ def enroll(
     password = password_file.read_text().strip() if password_file else os.environ.get(PASSWORD_ENV)
     if not password:
         raise click.UsageError(f"give --password-file or set {PASSWORD_ENV}")
-    signer = _new_key_signer(key_out, hsm_module, hsm_token_label, hsm_key_id, hsm_pin)
+    signer = new_key_signer(key_out, hsm_module, hsm_token_label, hsm_key_id, hsm_pin)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_uuid)])
     client = EstClient(server, _trust(trust), label=label, username=username, password=password)
-    _write_cert(run(_enroll, client, "simpleenroll", _csr(signer, subject), max_wait), cert_out)
+    _write_cert(run(_enroll, client, "simpleenroll", make_csr(signer, subject), max_wait), cert_out)
 
 
 @est.command("reenroll")
@@ -266,7 +209,7 @@ def enroll(
     help="Where the new key goes (created 0600 if missing).",
 )
 @click.option("--cert-out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@_hsm_options
+@hsm_options
 def reenroll(
     server: str,
     trust: Path | None,
@@ -283,12 +226,12 @@ def reenroll(
 ) -> None:
     """Renew this device's certificate with a new key (same subject and SAN)."""
     current = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    signer = _new_key_signer(key_out, hsm_module, hsm_token_label, hsm_key_id, hsm_pin)
+    signer = new_key_signer(key_out, hsm_module, hsm_token_label, hsm_key_id, hsm_pin)
     try:
         sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         sans = None
-    csr = _csr(signer, current.subject, sans)
+    csr = make_csr(signer, current.subject, sans)
     client = EstClient(server, _trust(trust), label=label, cert_file=cert_file, key_file=key_file)
     _write_cert(run(_enroll, client, "simplereenroll", csr, max_wait), cert_out)
 
@@ -328,7 +271,7 @@ def serverkeygen(
     )
     # The CSR only names the subject; a throwaway key signs it.
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_uuid)])
-    result = run(client.serverkeygen, _csr(FileSigner(generate_private_key()), subject))
+    result = run(client.serverkeygen, make_csr(FileSigner(generate_private_key()), subject))
     if isinstance(result, Pending):
         raise EstClientError(202, f"pending approval; retry in {result.retry_after} s")
     key = serialization.load_der_private_key(result.key_pkcs8_der, None)

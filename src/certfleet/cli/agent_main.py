@@ -11,6 +11,7 @@ from certfleet.est.client import EstClientError
 from certfleet.est.wire import EstWireError
 
 from .agent_est_commands import est
+from .agent_register_command import RegistrationFailed, register
 from .common import CertfleetGroup, register_user_errors
 
 
@@ -25,8 +26,9 @@ def agent_cli(verbose: bool) -> None:
     )
 
 
-register_user_errors(EstClientError, EstWireError, OSError)
+register_user_errors(EstClientError, EstWireError, OSError, RegistrationFailed)
 agent_cli.add_command(est)
+agent_cli.add_command(register)
 
 
 def main() -> None:

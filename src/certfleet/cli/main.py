@@ -10,12 +10,15 @@ from certfleet import __version__
 from certfleet.store.errors import StoreError
 
 from .common import CertfleetGroup, register_user_errors
+from .config_commands import config
 from .db_commands import db
+from .devices_commands import devices
 from .est_commands import est
 from .events_commands import events
 from .keys_commands import keys
 from .quickstart import quickstart
 from .server_command import server
+from .tokens_commands import tokens
 
 
 @click.group(cls=CertfleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,9 +36,12 @@ register_user_errors(StoreError)
 cli.add_command(keys)
 cli.add_command(db)
 cli.add_command(est)
+cli.add_command(config)
+cli.add_command(devices)
 cli.add_command(events)
 cli.add_command(quickstart)
 cli.add_command(server)
+cli.add_command(tokens)
 
 
 def main() -> None:

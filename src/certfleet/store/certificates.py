@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from certfleet.store.config_files import device_config_changed
 from certfleet.store.rows import add_unique, found
-from certfleet.store.schema import Certificate
+from certfleet.store.schema import Ca, Certificate, CertStatus, Device
+
+CertHolder = tuple[Certificate, Device | None, Ca | None]
+"""A certificate row with its device and its issuing CA (either may be missing)."""
 
 
 async def add_certificate(
@@ -63,3 +67,77 @@ async def devices_with_certificates_from(session: AsyncSession, ca_id: int) -> l
         .order_by(Certificate.device_uuid)
     )
     return [uuid for uuid in await session.scalars(query) if uuid]
+
+
+async def get_holder(session: AsyncSession, sha256: str) -> CertHolder | None:
+    """The certificate with this fingerprint, its device and issuer (one query), or None."""
+    query = (
+        select(Certificate, Device, Ca)
+        .outerjoin(Device, Device.uuid == Certificate.device_uuid)
+        .outerjoin(Ca, Ca.id == Certificate.issuer_ca_id)
+        .where(Certificate.sha256 == sha256.lower())
+    )
+    row = (await session.execute(query)).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+async def find_by_serial(session: AsyncSession, serial: str) -> list[Certificate]:
+    """Certificates with this hex serial (unique per issuer, so possibly several), oldest first."""
+    query = select(Certificate).where(Certificate.serial == serial.lower().removeprefix("0x"))
+    return list(await session.scalars(query.order_by(Certificate.id)))
+
+
+async def set_certificate_status(session: AsyncSession, cert_id: int, status: CertStatus) -> None:
+    """Mark a certificate active, superseded or revoked."""
+    await session.execute(
+        update(Certificate).where(Certificate.id == cert_id).values(status=status)
+    )
+
+
+async def get_certificate_by_id(session: AsyncSession, cert_id: int) -> Certificate:
+    """The certificate row ``cert_id`` (e.g. a device's current certificate)."""
+    return found(await session.get(Certificate, cert_id), f"no certificate with id {cert_id}")
+
+
+# Built once: a device's check-in runs this on every request, and building a
+# statement costs more than running it.
+_CHECKIN = (
+    select(
+        Certificate.id.label("cert_id"),
+        Certificate.serial,
+        Certificate.status.label("cert_status"),
+        Certificate.pubkey_sha256,
+        Certificate.not_before,
+        Certificate.not_after,
+        Certificate.device_uuid,
+        Device.factory_id,
+        Device.group_name,
+        Device.current_cert_id,
+        Device.next_pubkey_sha256,
+        Device.config_locked,
+        Device.last_seen_at,
+        Device.deleted_at,
+        Device.created_at,
+        Device.registered_via,
+        Ca.name.label("ca_name"),
+        Ca.status.label("ca_status"),
+        Ca.status_changed_at.label("ca_status_changed_at"),
+    )
+    .outerjoin(Device, Device.uuid == Certificate.device_uuid)
+    .outerjoin(Ca, Ca.id == Certificate.issuer_ca_id)
+    .where(Certificate.sha256 == bindparam("sha256"))
+)
+_CHECKIN_WITH_CONFIG = _CHECKIN.add_columns(device_config_changed().label("config_changed"))
+
+
+async def checkin(session: AsyncSession, sha256: str, *, with_config: bool = False) -> Row | None:
+    """A client certificate's row with its device's and issuer's state, in one query.
+
+    Columns: cert_id, serial, cert_status, pubkey_sha256, not_before, not_after,
+    device_uuid, factory_id, group_name, current_cert_id, next_pubkey_sha256,
+    config_locked, last_seen_at, deleted_at, created_at, registered_via,
+    ca_name, ca_status, ca_status_changed_at, and with `with_config` also
+    config_changed (see config_files.device_config_changed). None if unknown.
+    """
+    query = _CHECKIN_WITH_CONFIG if with_config else _CHECKIN
+    return (await session.execute(query, {"sha256": sha256.lower()})).first()

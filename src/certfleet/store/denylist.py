@@ -8,6 +8,8 @@ the whole list now and then.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -54,3 +56,21 @@ async def denied_since(
     """Entries with id > ``after_id`` in id order; pass 0 to load from the start."""
     query = select(DenylistEntry).where(DenylistEntry.id > after_id)
     return list(await session.scalars(query.order_by(DenylistEntry.id).limit(limit)))
+
+
+async def denied_fingerprints(
+    session: AsyncSession, after_id: int, *, limit: int = 10000
+) -> list[tuple[int, str]]:
+    """(id, fingerprint) pairs with id > ``after_id`` in id order: a light full load."""
+    query = select(DenylistEntry.id, DenylistEntry.cert_sha256).where(DenylistEntry.id > after_id)
+    rows = await session.execute(query.order_by(DenylistEntry.id).limit(limit))
+    return [(entry_id, sha256) for entry_id, sha256 in rows]
+
+
+async def denied_among(session: AsyncSession, ids: Iterable[int]) -> list[tuple[int, str]]:
+    """(id, fingerprint) of the entries whose id is in ``ids`` (committed ones only)."""
+    wanted = list(ids)
+    if not wanted:
+        return []
+    query = select(DenylistEntry.id, DenylistEntry.cert_sha256).where(DenylistEntry.id.in_(wanted))
+    return [(entry_id, sha256) for entry_id, sha256 in await session.execute(query)]

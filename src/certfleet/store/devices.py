@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import datetime
+
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.store.rows import add_unique, found
@@ -32,6 +34,21 @@ async def get_device(session: AsyncSession, uuid: str, *, include_deleted: bool 
     return found(device, f"no device {uuid}")
 
 
+async def lock_device(session: AsyncSession, uuid: str) -> Device:
+    """Device ``uuid`` (not deleted), locked until the transaction ends (PostgreSQL).
+
+    For a check-then-write that must not interleave with the device's own
+    changes; SQLite transactions are serialized anyway.
+    """
+    device = await session.scalar(
+        select(Device)
+        .where(Device.uuid == uuid, Device.deleted_at.is_(None))
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return found(device, f"no device {uuid}")
+
+
 async def soft_delete_device(session: AsyncSession, uuid: str) -> Device:
     """Mark device ``uuid`` deleted; its rows and history stay."""
     device = await get_device(session, uuid)
@@ -58,3 +75,53 @@ async def list_devices(
     if not include_deleted:
         query = query.where(Device.deleted_at.is_(None))
     return list(await session.scalars(query))
+
+
+async def set_next_key(
+    session: AsyncSession, uuid: str, pubkey_pem: str, pubkey_sha256: str
+) -> Device:
+    """Record the key the device will use next and lock its config until it connects with it."""
+    device = await get_device(session, uuid)
+    device.next_pubkey_pem = pubkey_pem
+    device.next_pubkey_sha256 = pubkey_sha256.lower()
+    device.config_locked = True
+    await session.flush()
+    return device
+
+
+async def switch_current_certificate(
+    session: AsyncSession, uuid: str, *, old_cert_id: int | None, new_cert_id: int
+) -> bool:
+    """Make ``new_cert_id`` current, clear the next key and unlock the config.
+
+    Only if the current certificate is still ``old_cert_id``: False means
+    another transaction switched first and nothing was changed.
+    """
+    query = (
+        update(Device)
+        .where(Device.uuid == uuid)
+        .where(
+            Device.current_cert_id.is_(None)
+            if old_cert_id is None
+            else Device.current_cert_id == old_cert_id
+        )
+        .values(
+            current_cert_id=new_cert_id,
+            next_pubkey_pem=None,
+            next_pubkey_sha256=None,
+            config_locked=False,
+        )
+        .execution_options(synchronize_session="fetch")
+    )
+    result = await session.execute(query)
+    return result.rowcount == 1
+
+
+async def mark_seen(session: AsyncSession, uuid: str, when: datetime) -> None:
+    """Set when the device was last seen, without loading it."""
+    await session.execute(
+        update(Device)
+        .where(Device.uuid == uuid)
+        .values(last_seen_at=when)
+        .execution_options(synchronize_session=False)
+    )
