@@ -33,7 +33,13 @@ def make_engine(db: DatabaseUrl) -> AsyncEngine:
 def prepare_sqlite_file(path: Path) -> None:
     """Create the database file (and its directory) readable by the owner only."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    if not path.exists():
+        # Never open and close an existing database file: closing any descriptor
+        # drops every POSIX lock this process holds on it, including SQLite's.
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+        except FileExistsError:
+            pass
     # SQLite gives the -wal and -shm files the database file's mode.
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)
