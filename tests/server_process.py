@@ -40,8 +40,11 @@ class ServerProcess:
 
     def __init__(self, *args: str, port: int, env: dict | None = None) -> None:
         self.port = port
+        self.gateway_port = free_port()
+        # Flags win over a config file: every test server gets its own gateway port.
+        gateway = ["--listen-gateway", f"127.0.0.1:{self.gateway_port}"]
         self.process = subprocess.Popen(
-            [str(BIN / "certfleet"), "-v", "server", *args],
+            [str(BIN / "certfleet"), "-v", "server", *args, *gateway],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -49,6 +52,7 @@ class ServerProcess:
             start_new_session=True,
         )
         wait_listening(port, self.process)
+        wait_listening(self.gateway_port, self.process)
 
     def stop(self, timeout: float = 15) -> tuple[int, str]:
         """SIGTERM, wait, and return (exit code, output)."""

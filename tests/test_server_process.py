@@ -412,3 +412,104 @@ def test_server_delivers_events_to_a_signed_webhook(tmp_path):
     event = json.loads(body)
     assert event["topic"] == "CERT_ISSUED" and event["device"] == device
     assert secret not in out
+
+
+def test_register_online_then_use_the_gateway(pki, tmp_path):
+    """A device registers through `certfleet server`'s gateway and uses its certificate."""
+    folder, db_url = pki
+    port = free_port()
+    server = ServerProcess(
+        "--pki",
+        str(folder),
+        "--database",
+        db_url,
+        "--listen-est",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        port=port,
+    )
+    try:
+        token = json.loads(
+            certfleet(
+                "tokens",
+                "create",
+                "--name",
+                "line-1",
+                "--scope",
+                "register",
+                "--pki",
+                str(folder),
+                "--database",
+                db_url,
+                "--json",
+            ).stdout
+        )["token"]
+        gateway = f"https://127.0.0.1:{server.gateway_port}"
+        device_dir = tmp_path / "sota"
+        done = agent(
+            "register",
+            "--server",
+            gateway,
+            "--factory",
+            "acme",
+            "--group",
+            "lab",
+            "--dir",
+            str(device_dir),
+            "--trust",
+            str(folder / "root.crt"),
+            env={"CERTFLEET_REGISTER_TOKEN": token},
+        )
+        device = done.stdout.strip()
+        uuid.UUID(device)
+        curl = [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(folder / "root.crt"),
+            "--cert",
+            str(device_dir / "client.pem"),
+            "--key",
+            str(device_dir / "pkey.pem"),
+        ]
+        seen = subprocess.run([*curl, f"{gateway}/device"], capture_output=True, text=True)
+        view = json.loads(seen.stdout)
+        assert view["uuid"] == device and view["group"] == "lab"
+        refused = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                str(folder / "root.crt"),
+                "-w",
+                " %{http_code}",
+                f"{gateway}/device",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert refused.stdout.endswith(" 401") and "client certificate" in refused.stdout
+        certfleet(
+            "devices",
+            "deny",
+            device,
+            "--reason",
+            "test",
+            "--pki",
+            str(folder),
+            "--database",
+            db_url,
+        )
+        import time
+
+        time.sleep(1.0)
+        for _ in range(4):  # new connections, so both workers answer
+            denied = subprocess.run(
+                [*curl, "-w", " %{http_code}", f"{gateway}/device"], capture_output=True, text=True
+            )
+            assert denied.stdout.endswith(" 403") and "deny-list" in denied.stdout
+    finally:
+        code, out = server.stop()
+    assert code == 0, out
+    assert token not in out

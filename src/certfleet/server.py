@@ -28,9 +28,13 @@ from certfleet.est.app import make_est_app
 from certfleet.est.policy import EstPolicy
 from certfleet.est.service import EstService
 from certfleet.events.config import EventsSettings, delivery_loop, parse_events_settings
+from certfleet.gateway.app import make_gateway_app
+from certfleet.gateway.policy import GatewayPolicy
+from certfleet.gateway.registration import registration_routes
+from certfleet.gateway.service import GatewayService
 from certfleet.pki.errors import PkiError
-from certfleet.pki.pki_dir import EST_TLS, PkiDir
-from certfleet.server_config import ServerConfig, parse_listen
+from certfleet.pki.pki_dir import EST_TLS, GATEWAY_TLS, PkiDir
+from certfleet.server_config import ServerConfig, parse_listen, public_gateway_url
 from certfleet.store.authorities import load_pki_authorities
 from certfleet.store.engine import Store, open_store
 from certfleet.store.migrate import head_revision
@@ -49,9 +53,12 @@ class Prepared:
 
     est_socket: socket.socket
     est_context: SSL.Context | ssl.SSLContext
+    gateway_socket: socket.socket
+    gateway_context: SSL.Context | ssl.SSLContext
     ticket_keys: TicketKeys | None
     policy: EstPolicy
     events: EventsSettings
+    gateway_policy: GatewayPolicy
 
 
 async def _check_schema(config: ServerConfig) -> list[x509.Certificate]:
@@ -94,13 +101,19 @@ def prepare(config: ServerConfig) -> Prepared:
     config.check()
     trusted = asyncio.run(_check_schema(config))
     pki = PkiDir(config.pki)
-    context = server_context(
-        pki.cert_path(EST_TLS),
-        pki.key_path(EST_TLS),
-        trusted,
-        require_client_cert=False,
-        stack=config.tls_stack,  # type: ignore[arg-type]
-    )
+    # Client certs are optional on both listeners: EST bootstrap uses HTTP
+    # Basic and gateway registration a bearer token; every other route
+    # refuses a request without a verified device certificate.
+    contexts = [
+        server_context(
+            pki.cert_path(stem),
+            pki.key_path(stem),
+            trusted,
+            require_client_cert=False,
+            stack=config.tls_stack,  # type: ignore[arg-type]
+        )
+        for stem in (EST_TLS, GATEWAY_TLS)
+    ]
     tickets = TicketKeys(os.urandom(32)) if config.tls_stack == "openssl4" else None
     try:
         policy = EstPolicy.from_settings(config.est)
@@ -110,7 +123,20 @@ def prepare(config: ServerConfig) -> Prepared:
         events = parse_events_settings({"events": config.events})
     except ValueError as exc:
         raise PkiError(f"[events] settings: {exc}") from exc
-    return Prepared(_bind(config.listen_est), context, tickets, policy, events)
+    try:
+        gateway_policy = GatewayPolicy.from_settings(config.gateway)
+    except ValueError as exc:
+        raise PkiError(f"[gateway] settings: {exc}") from exc
+    return Prepared(
+        _bind(config.listen_est),
+        contexts[0],
+        _bind(config.listen_gateway),
+        contexts[1],
+        tickets,
+        policy,
+        events,
+        gateway_policy,
+    )
 
 
 async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -> None:
@@ -123,27 +149,43 @@ async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -
     try:
         async with store.transaction() as session:
             authorities = await load_pki_authorities(session, config.pki, config.hsm_pin)
-        app = make_est_app(EstService(store, authorities, prepared.policy), prepared.policy)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        server = await start_tls_server(
-            runner.server,
-            None,
-            None,
-            prepared.est_context,
-            sock=prepared.est_socket,
-            ticket_keys=prepared.ticket_keys,
+        est_app = make_est_app(EstService(store, authorities, prepared.policy), prepared.policy)
+        registration = registration_routes(
+            store, authorities, gateway_url=public_gateway_url(config)
         )
-        log.info("worker %d serving EST", os.getpid())
+        gateway_app = make_gateway_app(
+            GatewayService(store, authorities, prepared.gateway_policy),
+            extra_routes=registration,
+        )
+        sites = [
+            await _serve(est_app, prepared.est_socket, prepared.est_context, prepared),
+            await _serve(gateway_app, prepared.gateway_socket, prepared.gateway_context, prepared),
+        ]
+        log.info("worker %d serving EST and the device gateway", os.getpid())
         delivery = _delivery_task(config, prepared, store, index, stop)
         await stop.wait()
         if delivery is not None:
             await delivery
-        server.close()
-        await server.wait_closed()
-        await runner.cleanup()
+        for server, runner in sites:
+            server.close()
+            await server.wait_closed()
+            await runner.cleanup()
     finally:
         await store.close()
+
+
+async def _serve(
+    app: web.Application,
+    sock: socket.socket,
+    context: SSL.Context | ssl.SSLContext,
+    prepared: Prepared,
+) -> tuple[asyncio.AbstractServer, web.AppRunner]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    server = await start_tls_server(
+        runner.server, None, None, context, sock=sock, ticket_keys=prepared.ticket_keys
+    )
+    return server, runner
 
 
 def _delivery_task(
@@ -180,10 +222,11 @@ def serve(config: ServerConfig, announce: Any = print) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
     prepared = prepare(config)
     host, port = prepared.est_socket.getsockname()[:2]
+    gw_host, gw_port = prepared.gateway_socket.getsockname()[:2]
     announce(
-        f"EST server on https://{host}:{port}/.well-known/est/ "
-        f"({config.workers} worker(s), TLS stack {config.tls_stack}, "
-        f"store {config.database_url.split('?')[0]})"
+        f"EST server on https://{host}:{port}/.well-known/est/ and device gateway on "
+        f"https://{gw_host}:{gw_port}/ ({config.workers} worker(s), TLS stack "
+        f"{config.tls_stack}, store {config.database_url.split('?')[0]})"
     )
     if config.workers == 1:
         asyncio.run(run_worker(config, prepared))

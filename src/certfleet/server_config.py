@@ -18,10 +18,14 @@ class ServerConfig:
     pki: Path = Path("pki")
     database: str | None = None
     listen_est: str = "127.0.0.1:8443"
+    listen_gateway: str = "127.0.0.1:8444"
+    # What devices are told to use (sota.toml); default: https://<listen_gateway>.
+    gateway_url: str | None = None
     workers: int = 1
     tls_stack: str = "openssl4"
     hsm_pin: str | None = field(default=None, repr=False)
     est: dict[str, Any] = field(default_factory=dict)
+    gateway: dict[str, Any] = field(default_factory=dict)
     events: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -40,6 +44,9 @@ class ServerConfig:
         if self.tls_stack not in ("openssl4", "stdlib"):
             raise PkiError(f"tls_stack must be openssl4 or stdlib, not {self.tls_stack!r}")
         parse_listen(self.listen_est)
+        parse_listen(self.listen_gateway)
+        if self.listen_est == self.listen_gateway:
+            raise PkiError("listen_est and listen_gateway must differ")
         if not (self.pki / "est-tls.crt").exists():
             raise PkiError(f"{self.pki} holds no factory PKI: run `certfleet keys ca create`")
 
@@ -70,3 +77,11 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
     config = ServerConfig(**data)
     config.hsm_pin = config.hsm_pin or os.environ.get("CERTFLEET_HSM_PIN")
     return config
+
+
+def public_gateway_url(config: ServerConfig) -> str:
+    """The gateway URL written into device configs."""
+    if config.gateway_url:
+        return config.gateway_url.rstrip("/")
+    host, port = parse_listen(config.listen_gateway)
+    return f"https://{host}:{port}"

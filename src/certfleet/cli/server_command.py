@@ -23,6 +23,12 @@ from .common import console
 )
 @click.option("--database", metavar="URL", help="Default: <pki>/certfleet.db (SQLite).")
 @click.option("--listen-est", metavar="HOST:PORT", help="Default 127.0.0.1:8443.")
+@click.option("--listen-gateway", metavar="HOST:PORT", help="Default 127.0.0.1:8444.")
+@click.option(
+    "--gateway-url",
+    metavar="URL",
+    help="Gateway URL devices are given (default https://<listen-gateway>).",
+)
 @click.option("--workers", type=int, help="Processes sharing the sockets (default 1).")
 @click.option(
     "--tls-stack",
@@ -34,10 +40,12 @@ def server(
     pki: Path | None,
     database: str | None,
     listen_est: str | None,
+    listen_gateway: str | None,
+    gateway_url: str | None,
     workers: int | None,
     tls_stack: str | None,
 ) -> None:
-    """Serve EST on mutual TLS until Ctrl-C or SIGTERM."""
+    """Serve EST and the device gateway on mutual TLS until Ctrl-C or SIGTERM."""
     # Imported here so that `certfleet --help` stays fast.
     from certfleet.server import serve
     from certfleet.server_config import load_config
@@ -48,6 +56,8 @@ def server(
             "pki": pki,
             "database": database,
             "listen_est": listen_est,
+            "listen_gateway": listen_gateway,
+            "gateway_url": gateway_url,
             "workers": workers,
             "tls_stack": tls_stack,
         },
