@@ -108,7 +108,7 @@ async def create_credential(
     username, password = f"est-{secrets.token_hex(5)}", secrets.token_urlsafe(24)
     expires_at = utcnow() + expires_in
     async with store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         await _check_device(session, device_uuid, row)
         await est.add_est_credential(
             session,
@@ -162,18 +162,6 @@ def _device_uuid(device: str) -> str:
         return str(uuid.UUID(device))
     except ValueError as exc:
         raise StoreError(f"{device!r} is not a device uuid") from exc
-
-
-async def _factory(session: AsyncSession, name: str | None) -> Factory:
-    if name:
-        return await factories.get_factory(session, name)
-    known = await factories.list_factories(session)
-    if len(known) == 1:
-        return known[0]
-    if not known:
-        raise StoreError("this store has no factory yet: run `certfleet keys ca create` first")
-    names = ", ".join(f.name for f in known)
-    raise StoreError(f"this store holds several factories ({names}): pass --factory")
 
 
 async def _check_device(session: AsyncSession, device_uuid: str, factory: Factory) -> None:

@@ -125,7 +125,7 @@ async def set_config(
             row = await _factory_by_id(session, device.factory_id)
             files, encrypted_to = await _for_device(session, device, files)
         else:
-            row = await _factory(session, factory)
+            row = await factories.resolve_factory(session, factory)
             key = key if scope == ConfigScope.GROUP else ""
             if scope == ConfigScope.GROUP and not key.strip():
                 raise StoreError("a group name is needed for group-scope config")
@@ -169,7 +169,7 @@ async def config_log(
             found = await _device(session, device)
             factory_id, scope, key = found.factory_id, ConfigScope.DEVICE, found.uuid
         else:
-            factory_id = (await _factory(session, factory)).id
+            factory_id = (await factories.resolve_factory(session, factory)).id
             scope = ConfigScope.GROUP if group else ConfigScope.FACTORY
             key = group or ""
         rows = await config_files.config_history(session, factory_id, scope, key, limit)
@@ -245,15 +245,3 @@ async def _factory_by_id(session: AsyncSession, factory_id: int) -> Factory:
         if row.id == factory_id:
             return row
     raise StoreError(f"no factory with id {factory_id}")
-
-
-async def _factory(session: AsyncSession, name: str | None) -> Factory:
-    if name:
-        return await factories.get_factory(session, name)
-    known = await factories.list_factories(session)
-    if len(known) == 1:
-        return known[0]
-    if not known:
-        raise StoreError("this store has no factory yet: run `certfleet keys ca create` first")
-    listed = ", ".join(f.name for f in known)
-    raise StoreError(f"this store holds several factories ({listed}): pass --factory")

@@ -35,7 +35,7 @@ from certfleet.pki.signer import Signer
 from certfleet.store import audit, cas, certificates, factories
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import DuplicateError
-from certfleet.store.schema import Ca, CaKind, CaStatus, Factory
+from certfleet.store.schema import Ca, CaKind, CaStatus
 
 from .ca_info import CaInfo
 
@@ -74,18 +74,6 @@ async def _store(url: str) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
-
-
-async def _factory(session: AsyncSession, name: str | None) -> Factory:
-    if name:
-        return await factories.get_factory(session, name)
-    known = await factories.list_factories(session)
-    if not known:
-        raise PkiError("this store has no factory yet: run `certfleet keys ca create` first")
-    if len(known) > 1:
-        names = ", ".join(f.name for f in known)
-        raise PkiError(f"this store holds several factories ({names}): pass --factory")
-    return known[0]
 
 
 async def _record(session: AsyncSession, factory_id: int, item: Issued) -> Ca:
@@ -161,7 +149,7 @@ def _remove_written(pki: PkiDir, items: list[Issued]) -> None:
 async def list_cas(url: str, factory: str | None = None) -> list[CaInfo]:
     """Every CA of the factory with its status."""
     async with _store(url) as store, store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         return [CaInfo.of(ca) for ca in await cas.list_cas(session, row.id)]
 
 
@@ -195,7 +183,7 @@ async def add_device_ca(url: str, pem: Path, factory: str | None = None) -> CaIn
     cert = read_cert_file(pem)
     _check_is_ca(cert, pem)
     async with _store(url) as store, store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         root = x509.load_pem_x509_certificate((await _root(session, row.id)).cert_pem.encode())
         verify_chain(cert, root)
         now = dt.datetime.now(dt.UTC)
@@ -235,7 +223,7 @@ async def _device_ca(session: AsyncSession, factory_id: int, name: str) -> Ca:
 async def disable_device_ca(url: str, name: str, factory: str | None = None) -> CaInfo:
     """Stop new registrations from a device CA; its devices keep working."""
     async with _store(url) as store, store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         ca = await _device_ca(session, row.id, name)
         if ca.status == CaStatus.REVOKED:
             raise PkiError(f"device CA {name} is already revoked")
@@ -256,7 +244,7 @@ async def revoke_device_ca(
     """Refuse every device of a device CA and publish a root-signed CRL (idempotent)."""
     pki = PkiDir(pki_dir)
     async with _store(url) as store, store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         ca = await _device_ca(session, row.id, name)
         root = await _root(session, row.id)
         signer = _root_signer(pki, root, pin, passphrase)
@@ -304,7 +292,7 @@ async def new_local_ca(
     """A further offline device CA; its key is written to `out_dir` only."""
     pki, out = PkiDir(pki_dir), PkiDir(out_dir)
     async with _store(url) as store, store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         root = await _root(session, row.id)
         signer = _root_signer(pki, root, pin, passphrase)
         name = _next_local_name(await cas.list_cas(session, row.id))
@@ -333,7 +321,7 @@ async def est_authorize(
     """Issue or replace the EST server's TLS certificate and key."""
     pki = PkiDir(pki_dir)
     async with _store(url) as store, store.transaction() as session:
-        row = await _factory(session, factory)
+        row = await factories.resolve_factory(session, factory)
         root = await _root(session, row.id)
         signer = _root_signer(pki, root, pin, passphrase)
         current = [c for c in await cas.list_cas(session, row.id, kind=CaKind.EST_TLS)]
