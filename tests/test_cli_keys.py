@@ -430,3 +430,22 @@ def test_hsm_errors_are_one_line(tmp_path, softhsm_token):
     )
     assert "no PKCS#11 token labelled 'absent'" in done.stderr
     assert not any((tmp_path / "p").glob("*.crt"))
+
+
+def test_ca_changes_are_events(pki, tmp_path):
+    folder, db_url = pki
+    certfleet("keys", "ca", "new-local-ca", str(tmp_path / "l2"), "--pki", str(folder),
+              "--database", db_url)
+    certfleet("keys", "ca", "disable-device-ca", "local-ca-1", "--pki", str(folder),
+              "--database", db_url)
+    certfleet("keys", "ca", "revoke-device-ca", "local-ca-2", "--pki", str(folder),
+              "--database", db_url)
+    out = certfleet("events", "tail", "--json", "--pki", str(folder), "--database", db_url)
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    seen = [(e["topic"], e["data"]["name"], e["data"]["status"]) for e in events]
+    assert seen == [
+        ("CA_ADDED", "local-ca-2", "active"),
+        ("CA_DISABLED", "local-ca-1", "disabled"),
+        ("CA_REVOKED", "local-ca-2", "revoked"),
+    ]
+    assert all(e["time"].endswith("Z") for e in events)

@@ -6,6 +6,8 @@ They live here, not in `events/`, so that components which may not import
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 DEVICE_REGISTERED = "DEVICE_REGISTERED"
 DEVICE_DELETED = "DEVICE_DELETED"
 DEVICE_PUBKEY_CHANGE = "DEVICE_PUBKEY_CHANGE"
@@ -37,3 +39,8 @@ TOPICS = frozenset(
     }
     | ALERTS
 )
+
+
+def rfc3339(moment: datetime) -> str:
+    """``moment`` in UTC as RFC 3339 with a ``Z`` suffix, as every event carries times."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -36,7 +36,7 @@ from certfleet.pki.csr import (
 from certfleet.pki.errors import PkiError
 from certfleet.pki.keys import cert_sha256, generate_private_key, pubkey_sha256
 from certfleet.pki.pkcs7 import certs_only
-from certfleet.protocol import CERT_ISSUED
+from certfleet.protocol import CERT_ISSUED, rfc3339
 from certfleet.store import audit, cas, certificates, denylist, devices, est, factories, outbox
 from certfleet.store.engine import Store
 from certfleet.store.errors import DuplicateError, NotFoundError
@@ -484,7 +484,7 @@ class EstService:
                 "uuid": order.device_uuid,
                 "serial": f"{cert.serial_number:x}",
                 "sha256": row.sha256,
-                "not_after": cert.not_valid_after_utc.isoformat(),
+                "not_after": rfc3339(cert.not_valid_after_utc),
                 "request": request.name,
             },
             device_uuid=order.device_uuid,

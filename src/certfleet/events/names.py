@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from certfleet.protocol import (  # noqa: F401 (re-exported for events users)
@@ -28,13 +27,9 @@ from certfleet.protocol import (  # noqa: F401 (re-exported for events users)
     NEXT_KEY_REFUSED,
     ROTATION_STEP,
     TOPICS,
+    rfc3339,
 )
 from certfleet.store.schema import OutboxEvent
-
-
-def rfc3339(moment: datetime) -> str:
-    """``moment`` in UTC as RFC 3339 with a ``Z`` suffix."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from certfleet.pki.keys import cert_sha256, private_key_pem
 from certfleet.pki.pkcs11_signer import Pkcs11Ref, generate_pkcs11_key
 from certfleet.pki.pki_dir import EST_TLS, KEY_MODE, LOCAL_CA_PREFIX, PkiDir, read_cert_file
 from certfleet.pki.signer import Signer
-from certfleet.store import audit, cas, certificates, factories
+from certfleet.protocol import CA_ADDED, CA_DISABLED, CA_REVOKED
+from certfleet.store import audit, cas, certificates, factories, outbox
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import DuplicateError
 from certfleet.store.schema import Ca, CaKind, CaStatus
@@ -198,10 +199,17 @@ async def add_device_ca(url: str, pem: Path, factory: str | None = None) -> CaIn
             ca = await _record(session, row.id, item)
         except DuplicateError as exc:
             raise PkiError(f"{pem} is already a CA of this factory") from exc
-        await audit.append_audit(
-            session, actor=ACTOR, action="ca.add", target=name, details={"sha256": ca.sha256}
-        )
+        await _ca_changed(session, "ca.add", CA_ADDED, ca)
         return CaInfo.of(ca)
+
+
+async def _ca_changed(
+    session: AsyncSession, action: str, topic: str, ca: Ca, **details: object
+) -> None:
+    """Audit entry and outbox event for a CA change, in the caller's transaction."""
+    data = {"name": ca.name, "kind": ca.kind, "status": ca.status, "sha256": ca.sha256, **details}
+    await audit.append_audit(session, actor=ACTOR, action=action, target=ca.name, details=data)
+    await outbox.append_event(session, topic, data)
 
 
 def _check_is_ca(cert: x509.Certificate, pem: Path) -> None:
@@ -228,7 +236,7 @@ async def disable_device_ca(url: str, name: str, factory: str | None = None) -> 
         if ca.status == CaStatus.REVOKED:
             raise PkiError(f"device CA {name} is already revoked")
         ca = await cas.set_ca_status(session, ca.id, CaStatus.DISABLED)
-        await audit.append_audit(session, actor=ACTOR, action="ca.disable", target=name)
+        await _ca_changed(session, "ca.disable", CA_DISABLED, ca)
         return CaInfo.of(ca)
 
 
@@ -263,13 +271,7 @@ async def revoke_device_ca(
         if ca.status != CaStatus.REVOKED:
             ca = await cas.set_ca_status(session, ca.id, CaStatus.REVOKED)
         affected = await certificates.devices_with_certificates_from(session, ca.id)
-        await audit.append_audit(
-            session,
-            actor=ACTOR,
-            action="ca.revoke",
-            target=name,
-            details={"devices": len(affected)},
-        )
+        await _ca_changed(session, "ca.revoke", CA_REVOKED, ca, devices=len(affected))
         crl_path = pki.path / "crl" / "root.crl"
         crl_path.parent.mkdir(mode=0o755, exist_ok=True)
         write_atomic(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o444)
@@ -302,9 +304,7 @@ async def new_local_ca(
         item.key_ref = None  # kept offline: the server never signs with it
         ca = await _record(session, row.id, item)
         write_issued(out, [item])
-        await audit.append_audit(
-            session, actor=ACTOR, action="ca.new-local", target=name, details={"sha256": ca.sha256}
-        )
+        await _ca_changed(session, "ca.new-local", CA_ADDED, ca)
         return CaInfo.of(ca)
 
 
