@@ -290,6 +290,9 @@ async def test_key_change_locks_config_then_moves_the_device_to_its_new_key(env)
     assert payload["uuid"] == device.uuid and payload["time"].endswith("Z")
     assert payload["old_pubkey"] == pem(device) and payload["new_pubkey"] == pem(renewed)
     assert "group" in payload
+    denied = await env.events(names.DENYLIST_ADDED, device.uuid)
+    assert [e.payload["sha256"] for e in denied] == [cert_sha256(device.cert)]
+    assert denied[0].payload["reason"] == "replaced by key change"
 
     # The lock is lifted: the operator's device change goes through, encrypted to the new key.
     done = certfleet(

@@ -352,6 +352,15 @@ class IdentityResolver:
                 serial=old.serial,
                 device_uuid=claim.uuid,
             )
+            # Same event as an operator's deny, so consumers see every deny-list entry.
+            denied = {
+                "sha256": old.sha256,
+                "serial": old.serial,
+                "uuid": claim.uuid,
+                "reason": "replaced by key change",
+                "time": names.rfc3339(now),
+            }
+            await outbox.append_event(session, names.DENYLIST_ADDED, denied, device_uuid=claim.uuid)
         payload = {
             "uuid": claim.uuid,
             "group": device.group_name,
