@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from procstat import children, cpu_seconds, stop_process  # bench/ is on sys.path
 
 from certfleet.pki.authority import issue_device_certificate
 from certfleet.store.authorities import load_authority
@@ -86,7 +87,6 @@ PG_BASE = f"postgresql://postgres@{HOST}:{PG_PORT}/test"
 RESULTS = Path(__file__).parent / "results" / "est_reenroll.json"
 EST = "/.well-known/est"
 VERSIONS = {"1.3": SSL.TLS1_3_VERSION, "1.2": SSL.TLS1_2_VERSION}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP = 20
 GO_REFERENCE_RATIO = 0.70  # foundriesio/estserver per re-enrollment (issue 3)
 BIN = Path(sys.executable).parent
@@ -276,34 +276,7 @@ def wait_ready(server: Server, log: Path | None) -> None:
 
 
 def stop(server: Server, timeout: float = 15) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of pid, from /proc/*/stat (no /proc/<pid>/task/<tid>/children here)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    stop_process(server.proc, timeout)
 
 
 def cpu_each(server: Server) -> list[float]:

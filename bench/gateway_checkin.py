@@ -39,7 +39,6 @@ import datetime as dt
 import json
 import os
 import platform
-import signal
 import socket
 import sqlite3
 import ssl
@@ -57,6 +56,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from procstat import children, cpu_seconds, stop_process  # bench/ is on sys.path
 
 from certfleet.pki.authority import issue_device_certificate
 from certfleet.store.authorities import load_authority
@@ -70,7 +70,6 @@ from certfleet.tls.transport import session_reused
 HOST = "127.0.0.1"
 FACTORY = "bench"
 RESULTS = Path(__file__).parent / "results" / "gateway_checkin.json"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP = 20
 MODES = ("kept-alive", "resumed", "full")
 TARGET_US = {"kept-alive": 300, "resumed": 300, "full": 1500}  # issue 4
@@ -258,34 +257,7 @@ def wait_ready(server: Server, log: Path | None) -> tuple[int, dict[str, str]]:
 
 
 def stop(server: Server, timeout: float = 15) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of pid, from /proc/*/stat (no /proc/<pid>/task/<tid>/children here)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    stop_process(server.proc, timeout)
 
 
 def cpu_total(server: Server) -> float:
