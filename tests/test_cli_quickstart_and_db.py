@@ -10,11 +10,17 @@ from .cli_run import certfleet
 def test_quickstart_runs_and_refuses_foreign_folders(tmp_path):
     folder = tmp_path / "demo"
     done = certfleet("quickstart", "--dir", str(folder), "--devices", "2")
-    assert "openssl verify (purpose sslclient): 2/2 OK" in done.stdout
-    assert "'wifi-password=hunter2'" in done.stdout
+    out = done.stdout
+    assert "registered online:" in out and "registered via local-ca" in out
+    assert "decrypted with its own key: {'wifi-password': 'hunter2'}" in out
+    assert "with If-Modified-Since: 304" in out
+    assert "first request with the new certificate: 200" in out
+    assert "old certificate now: 403 device cert is on the deny-list" in out
+    assert "offline-CA device now: 403" in out and "revoked" in out
+    assert "DEVICE_PUBKEY_CHANGE 1" in out
     assert (folder / "pki" / "crl" / "root.crl").exists()
     again = certfleet("quickstart", "--dir", str(folder), "--devices", "2")
-    assert "2/2 OK" in again.stdout, "a second run starts afresh"
+    assert "DEVICE_PUBKEY_CHANGE 1" in again.stdout, "a second run starts afresh"
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "important.txt").write_text("keep")
