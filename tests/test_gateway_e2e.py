@@ -22,9 +22,14 @@ from certfleet.store import denylist, updates
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.schema import ConfigScope, RegisteredVia, UpdateStatus
 
-from .cli_run import certfleet
+from .cli_run import certfleet as certfleet_blocking
 from .est_fixtures import DeviceId, run_shell
 from .gateway_fixtures import GatewayEnv, running_gateway
+
+
+async def cli(*args: str, **kwargs):
+    """The real CLI in a thread: a blocked loop would stall the gateway mid-transaction."""
+    return await asyncio.to_thread(certfleet_blocking, *args, **kwargs)
 
 
 @pytest.fixture
@@ -234,14 +239,14 @@ async def test_key_change_locks_config_then_moves_the_device_to_its_new_key(env)
     )
     assert again.status == 200, "announcing the same key again is harmless"
 
-    refused = certfleet(
+    refused = await cli(
         "config", "set", "--device", device.uuid, "wifi=changed", "--reason", "test",
         "--database", env.db_url, expect=2,
     )  # fmt: skip
     assert f"device {device.uuid} is rotating its key (next key announced at " in refused.stderr
     assert "config changes wait until it connects with the new key" in refused.stderr
     # Group and factory files are encrypted per request, so they stay open to the operator.
-    certfleet(
+    await cli(
         "config", "set", "--factory-wide", "motd=still open", "--reason", "test",
         "--factory", "acme", "--database", env.db_url,
     )  # fmt: skip
@@ -295,14 +300,14 @@ async def test_key_change_locks_config_then_moves_the_device_to_its_new_key(env)
     assert denied[0].payload["reason"] == "replaced by key change"
 
     # The lock is lifted: the operator's device change goes through, encrypted to the new key.
-    done = certfleet(
+    done = await cli(
         "config", "set", "--device", device.uuid, "wifi=changed", "--reason", "test",
         "--database", env.db_url,
     )  # fmt: skip
     assert "encrypted to its current key" in done.stdout
     files = json.loads((await env.call("GET", "/config", device=renewed)).body)
     assert decrypt(renewed, files["wifi"]["Value"]) == "changed"
-    log = certfleet("config", "log", "--device", device.uuid, "--json", "--database", env.db_url)
+    log = await cli("config", "log", "--device", device.uuid, "--json", "--database", env.db_url)
     assert [c["changed_by"] for c in json.loads(log.stdout)][:2] == ["cli", f"device:{device.uuid}"]
 
 
@@ -443,14 +448,22 @@ async def test_applied_config_is_reported_as_an_event(env):
 async def test_devices_deny_refuses_a_device_at_once(env):
     device = await env.device()
     assert (await env.call("GET", "/device", device=device)).status == 200
-    out = certfleet(
-        "devices", "deny", device.uuid, "--reason", "stolen", "--database", env.db_url
+    out = (
+        await cli("devices", "deny", device.uuid, "--reason", "stolen", "--database", env.db_url)
     ).stdout
     assert f"denied: certificate serial {device.cert.serial_number:x}" in out
-    again = certfleet(
-        "devices", "deny", "--sha256", cert_sha256(device.cert), "--reason", "x",
-        "--database", env.db_url,
-    ).stdout  # fmt: skip
+    again = (
+        await cli(
+            "devices",
+            "deny",
+            "--sha256",
+            cert_sha256(device.cert),
+            "--reason",
+            "x",
+            "--database",
+            env.db_url,
+        )  # fmt: skip
+    ).stdout
     assert "already denied (stolen)" in again
     for _ in range(20):
         reply = await env.call("GET", "/device", device=device)
@@ -495,19 +508,19 @@ async def test_a_date_from_a_clock_ahead_does_not_hide_changes(env):
 def test_operator_commands_refuse_what_they_cannot_do(tmp_path):
     database = f"sqlite:///{tmp_path / 'empty.db'}"
     unknown = str(uuid.uuid4())
-    done = certfleet(
+    done = certfleet_blocking(
         "config", "set", "--device", unknown, "a=b", "--reason", "r", "--database", database,
         expect=2,
     )  # fmt: skip
     assert f"no device {unknown}" in done.stderr
-    done = certfleet(
+    done = certfleet_blocking(
         "config", "set", "--factory-wide", "../x=b", "--reason", "r", "--database", database,
         expect=2,
     )  # fmt: skip
     assert "config file name '../x' is not allowed" in done.stderr
-    done = certfleet(
+    done = certfleet_blocking(
         "devices", "deny", "--serial", "abcd", "--reason", "r", "--database", database, expect=2
     )
     assert "no certificate with serial abcd is known; deny it by --sha256 instead" in done.stderr
-    done = certfleet("devices", "deny", "--reason", "r", "--database", database, expect=2)
+    done = certfleet_blocking("devices", "deny", "--reason", "r", "--database", database, expect=2)
     assert "give exactly one of UUID, --serial S or --sha256 F" in done.stderr
