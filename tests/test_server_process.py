@@ -250,6 +250,21 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         server.stop()
 
 
+def _workers(server: ServerProcess, count: int, gone: str | None = None) -> list[str]:
+    """The server's worker pids once there are `count` of them (and `gone` is not one)."""
+    import time
+
+    deadline = time.monotonic() + 15
+    while True:
+        found = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        if len(found) == count and gone not in found:
+            return found
+        assert time.monotonic() < deadline, f"workers: {found}"
+        time.sleep(0.1)
+
+
 def test_a_killed_worker_is_replaced(tmp_path):
     folder = tmp_path / "pki"
     certfleet("keys", "ca", "create", str(folder), "--factory", "acme", *NAMES)
@@ -258,17 +273,10 @@ def test_a_killed_worker_is_replaced(tmp_path):
         "--pki", str(folder), "--listen-est", f"127.0.0.1:{port}", "--workers", "2", port=port
     )
     try:
-        children = subprocess.run(
-            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
-        ).stdout.split()
-        assert len(children) == 2
+        # The sockets listen before the workers are forked: wait for them.
+        children = _workers(server, 2)
         os.kill(int(children[0]), signal.SIGKILL)
-        import time
-
-        time.sleep(2.5)
-        after = subprocess.run(
-            ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True
-        ).stdout.split()
+        after = _workers(server, 2, gone=children[0])
         assert len(after) == 2 and children[0] not in after
         agent(
             "est",
