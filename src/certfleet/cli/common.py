@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,3 +88,32 @@ def pki_option(fn: Callable) -> Callable:
 def print_json(data: Any) -> None:
     """Machine-readable output for --json."""
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+)([smhdw])")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'90s', '30m', '12h', '7d' or '2w' as a timedelta."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 12h, 7d or 2w")
+    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+async def with_store(url: str, action: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Open the store (migrated), run `action(store, *args)`, close it."""
+    # Imported here: certfleet-agent shares this module and must not load the store.
+    from certfleet.store.engine import open_store
+
+    store = await open_store(url, upgrade=True)
+    try:
+        return await action(store, *args)
+    finally:
+        await store.close()
+
+
+def store_url(pki_dir: Path, database: str | None) -> str:
+    """The --database given, else the default beside the PKI."""
+    return database or default_database(pki_dir)

@@ -3,51 +3,29 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 from rich.table import Table
 
 from certfleet.est import admin
-from certfleet.store.engine import Store, open_store
 from certfleet.store.schema import PendingStatus
 
 from .common import (
     CertfleetGroup,
     console,
     database_option,
-    default_database,
+    parse_duration,
     pki_option,
     print_json,
     run,
 )
-
-T = TypeVar("T")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d+)([smhdw])")
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """'90s', '30m', '12h', '7d' or '2w' as a timedelta."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 30m, 12h, 7d or 2w")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-
-
-async def _with_store(url: str, action: Callable[..., Awaitable[T]], *args: Any) -> T:
-    store: Store = await open_store(url, upgrade=True)
-    try:
-        return await action(store, *args)
-    finally:
-        await store.close()
-
-
-def _db(pki_dir: Path, database: str | None) -> str:
-    return database or default_database(pki_dir)
+from .common import (
+    store_url as _db,
+)
+from .common import (
+    with_store as _with_store,
+)
 
 
 @click.group(cls=CertfleetGroup)

@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 from rich.table import Table
 
 from certfleet.fleet import tokens_admin
 from certfleet.fleet.tokens_admin import SCOPES, TokenInfo
-from certfleet.store.engine import open_store
 
 from .common import (
     CertfleetGroup,
     console,
     database_option,
-    default_database,
+    parse_duration,
     pki_option,
     print_json,
     run,
 )
-from .est_commands import parse_duration
-
-T = TypeVar("T")
-
-
-async def _with_store(url: str, action: Callable[..., Awaitable[T]], *args: Any) -> T:
-    store = await open_store(url, upgrade=True)
-    try:
-        return await action(store, *args)
-    finally:
-        await store.close()
-
-
-def _db(pki_dir: Path, database: str | None) -> str:
-    return database or default_database(pki_dir)
+from .common import (
+    store_url as _db,
+)
+from .common import (
+    with_store as _with_store,
+)
 
 
 def _when(moment: dt.datetime | None) -> str:
