@@ -2,7 +2,8 @@
 
 Open a store with ``open_store(url)``, then run the query functions of the
 modules here (``factories``, ``cas``, ``devices``, ...) on the session of
-``async with store.transaction() as tx:``.
+``async with store.transaction() as tx:``. The few queries every device
+request makes have a faster path without the ORM: ``store.hot_path()``.
 """
 
 from certfleet.store.engine import Store, open_store

@@ -155,6 +155,25 @@ async def _log(
     return entry
 
 
+async def move_to_group(
+    session: AsyncSession, device: Device, group: str | None, *, changed_by: str, reason: str
+) -> ConfigLog | None:
+    """Put `device` in `group` (None: in none); None if it was there already (nothing written).
+
+    A move changes which files apply to the device, so it is logged as a
+    change of the device's own scope (with no file names): the device's
+    config version moves on, and its next check-in fetches the new group's
+    files instead of a 304.
+    """
+    if device.group_name == group:
+        return None
+    device.group_name = group
+    await session.flush()
+    return await _log(
+        session, device.factory_id, ConfigScope.DEVICE, device.uuid, [], changed_by, reason
+    )
+
+
 def _device_scopes(
     table: type[ConfigFile] | type[ConfigLog], factory_id: int, group: str | None, device_uuid: str
 ) -> ColumnElement[bool]:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -343,4 +344,91 @@ class EstPending(Base):
     cert_id: Mapped[int | None] = mapped_column(ForeignKey("certificates.id"))
 
 
+class ChangeCounter(Base):
+    """One row whose generation triggers raise whenever state a server caches per device changes.
+
+    Servers keep each device's check-in state in memory and poll this number
+    (see store/hot_path.py). The triggers (migration 0002) fire on the devices
+    columns a check-in depends on (deleted_at, current_cert_id, group_name,
+    factory_id), on a CA's status, and on every config_log insert, so no writer
+    has to remember to bump it.
+    """
+
+    __tablename__ = "change_counter"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 metadata = Base.metadata
+
+
+class CampaignStatus(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTED = "aborted"
+    COMPLETED = "completed"
+
+
+class CampaignDeviceState(StrEnum):
+    PENDING = "pending"
+    TRIGGERED = "triggered"
+    IN_PROGRESS = "in_progress"
+    # The gateway has seen the device with its new certificate.
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED_OFFLINE = "skipped_offline"
+
+
+class Campaign(Base):
+    """A certificate rotation over many devices, in waves (see certfleet.fleet.campaigns)."""
+
+    __tablename__ = "campaigns"
+    __table_args__ = (one_of("status", CampaignStatus),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    factory_id: Mapped[int] = mapped_column(ForeignKey("factories.id"))
+    # certs-<unix time>; each device's own id is in campaign_devices (retries get new ones).
+    rotation_id: Mapped[str] = mapped_column(String(128), unique=True)
+    reason: Mapped[str] = mapped_column(Text)
+    # {"group": G} | {"all": true} | {"reissue_from_ca": name, "to_ca": name}
+    selector: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    from_ca_id: Mapped[int | None] = mapped_column(ForeignKey("cas.id"))
+    to_ca_id: Mapped[int | None] = mapped_column(ForeignKey("cas.id"))
+    est_server: Mapped[str] = mapped_column(Text)
+    pkey_ids: Mapped[str | None] = mapped_column(String(64))
+    cert_ids: Mapped[str | None] = mapped_column(String(64))
+    canary_share: Mapped[float] = mapped_column(Float)
+    rate_per_minute: Mapped[int] = mapped_column(Integer)
+    failure_threshold: Mapped[float] = mapped_column(Float)
+    canary_deadline_s: Mapped[int] = mapped_column(Integer)
+    device_deadline_s: Mapped[int] = mapped_column(Integer)
+    offline_after_s: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=CampaignStatus.RUNNING)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class CampaignDevice(Base):
+    __tablename__ = "campaign_devices"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "device_uuid"),
+        Index(None, "campaign_id", "state"),
+        one_of("state", CampaignDeviceState),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    device_uuid: Mapped[str] = mapped_column(ForeignKey("devices.uuid"), index=True)
+    canary: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), default=CampaignDeviceState.PENDING)
+    rotation_id: Mapped[str | None] = mapped_column(String(128))
+    # The device's current certificate when it was triggered: a change means it rotated.
+    old_cert_id: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    triggered_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[str | None] = mapped_column(Text)
