@@ -29,12 +29,15 @@ samples are split by what the server was doing: TLS handshake, HTTP, CSR
 checks, signing, PKCS#7, database, logging, event loop. py-spy drops threads
 it sees sleeping, but counts a thread that is runnable and waiting for a core
 as busy, at the line where it waited (on a loaded 2-core machine, often);
-samples whose innermost line is a wait (epoll, aiosqlite's queue, a lock) are
+samples whose innermost line is a wait (epoll, a thread's work queue, a lock) are
 dropped here too, so the shares are shares of CPU actually used. They are
 printed as µs of the unprofiled re-enrollment of the same configuration.
 
+`--loop uvloop` runs certfleet on uvloop instead of asyncio's own loop
+(bench/uvloop_launcher.py), to show what that would change.
+
     .venv/bin/python bench/est_reenroll.py [-n 300] [--rounds 3] [--workers 1,2]
-        [--db sqlite,postgresql] [--tls 1.3,1.2] [--profile]
+        [--db sqlite,postgresql] [--tls 1.3,1.2] [--profile] [--loop asyncio|uvloop]
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
+from listeners import LOOPS, listen_args, server_command  # bench/ is on sys.path
 from OpenSSL import SSL
-from procstat import children, cpu_seconds, stop_process  # bench/ is on sys.path
+from procstat import children, cpu_seconds, stop_process
 
 from certfleet.pki.authority import issue_device_certificate
 from certfleet.store.authorities import load_authority
@@ -226,15 +230,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_certfleet(
-    pki: Pki, workers: int, log_dir: Path, launcher: list[str] | None = None
-) -> Server:
+def start_certfleet(pki: Pki, workers: int, log_dir: Path, loop: str = "asyncio") -> Server:
     port = free_port()
     args = ["-v", "server", "--pki", str(pki.dir), "--database", pki.url]
-    args += ["--listen-est", f"{HOST}:{port}", "--workers", str(workers), "--tls-stack", "openssl4"]
+    args += listen_args(port, free_port())
+    args += ["--workers", str(workers), "--tls-stack", "openssl4"]
     log = log_dir / f"server-{pki.db}-{workers}w-{port}.log"
     with log.open("wb") as out:
-        argv = (launcher or [str(BIN / "certfleet")]) + args
+        argv = server_command(loop) + args
         proc = subprocess.Popen(argv, stdout=out, stderr=out)
     server = Server("certfleet", pki.db, workers, proc, port, pki, [proc.pid])
     wait_ready(server, log)
@@ -428,8 +431,9 @@ def run(args: argparse.Namespace) -> dict:
             servers.append(start_s_server(pkis[dbs[0]]))
             for db in dbs:
                 for workers in args.workers:
-                    servers.append(start_certfleet(pkis[db], workers, tmp))
+                    servers.append(start_certfleet(pkis[db], workers, tmp, args.loop))
             result = measure(servers, args)
+            result["server_event_loop"] = args.loop
             if args.profile and "sqlite" in pkis:
                 for server in servers:  # a quiet machine for the profile
                     stop(server)
@@ -556,7 +560,7 @@ def profile(pki: Pki, args: argparse.Namespace, tmp: Path) -> dict:
     py_spy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
     if py_spy is None:
         return {"error": "py-spy is not installed: .venv/bin/pip install py-spy"}
-    server = start_certfleet(pki, 1, tmp)
+    server = start_certfleet(pki, 1, tmp, args.loop)
     version = args.tls[0]
     total = len(pki.devices) * args.rounds
     print(f"profile: {total} re-enrollments, TLS {version}", file=sys.stderr)
@@ -583,7 +587,7 @@ def profile(pki: Pki, args: argparse.Namespace, tmp: Path) -> dict:
     return {
         "method": (
             f"py-spy record --rate {args.rate} (samples of sleeping threads dropped by "
-            "py-spy); samples whose innermost frame is a wait (epoll, aiosqlite's queue, "
+            "py-spy); samples whose innermost frame is a wait (epoll, work queues, "
             "locks) dropped here: a runnable thread waiting for a core is not using CPU"
         ),
         "server": "certfleet, SQLite, 1 worker",
@@ -605,7 +609,7 @@ def _where(path: str) -> str:
     return path
 
 
-WAITS = (".poll(", ".get()", ".wait(", ".acquire(", "sleep(")
+WAITS = (".poll(", ".get()", ".get(block=True)", ".wait(", ".acquire(", "sleep(")
 
 
 def _is_wait(path: str, line: int | None) -> bool:
@@ -625,7 +629,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("signing (build + ECDSA)", ("certfleet/pki/authority.py", "certfleet/pki/signer.py",
                                  "certfleet/pki/profiles.py")),
     ("database", ("sqlalchemy/", "aiosqlite/", "asyncpg/", "greenlet", "certfleet/store/",
-                  # aiosqlite's thread wakes the loop through the self-pipe per statement
+                  # a store thread wakes the loop through the self-pipe with each result
                   "selector_events.py:BaseSelectorEventLoop._read_from_self",
                   "selector_events.py:BaseSelectorEventLoop._process_self_data")),
     ("TLS handshake", ("OpenSSL/SSL.py:Connection.do_handshake",
@@ -645,32 +649,33 @@ def classify(stack: list[str]) -> str:
     return "other"
 
 
-# Steps worth knowing on their own: (label, frames that must all be in the stack). SQLAlchemy
-# runs the ORM in greenlets whose stacks end at greenlet_spawn, not at the certfleet caller,
-# so database time is split by SQLAlchemy operation rather than by certfleet/store function.
+# Steps worth knowing on their own: (label, frames that must all be in the stack).
 DETAILS: list[tuple[str, tuple[str, ...]]] = [
-    ("database: ORM statements (Session.execute/scalar/get)", ("Session._execute_internal",)),
-    ("database: ORM flush of the INSERTs (unit of work)", ("orm/session.py:Session._flush",)),
-    ("database: commit (includes its flush)", ("SessionTransaction.commit",)),
-    ("database: aiosqlite's thread (sqlite3 calls, results back)", ("_connection_worker_thread",)),
-    # put_nowait wakes that thread: futex, context switches and the GIL, once per statement
     (
-        "database: handing each statement to aiosqlite's thread",
-        ("aiosqlite/core.py:Connection._execute",),
+        "database: the store's thread (sqlite3 calls, commit)",
+        ("hot_sqlite.py:SqliteHotPath._issue",),
     ),
-    ("database: loop wake-ups for aiosqlite results (self-pipe)", ("_read_from_self",)),
     (
-        "CSR signature verified a 2nd time, in issue_device_certificate",
-        ("authority.py:issue_device_certificate", "csr.py:check_csr_signature"),
+        "database: sqlite3 statements and commit (without decide)",
+        ("hot_sqlite.py:SqliteHotPath._issue", "hot_sqlite.py:_record"),
     ),
-    ("fingerprints: cert_sha256 (4 calls per request)", ("keys.py:cert_sha256",)),
+    ("database: asyncpg (PostgreSQL)", ("asyncpg/",)),
+    ("database: handing the request to the store's thread", ("run_in_executor",)),
+    ("database: loop wake-ups for the thread's result (self-pipe)", ("_read_from_self",)),
+    ("database: deny-list poll (gateway, 4 per second)", ("DenylistCache.poll",)),
+    ("CSR: signature verified (once)", ("csr.py:check_csr_signature",)),
+    ("CSR: renewal checks (subject, SAN, new key)", ("csr.py:check_reenroll",)),
+    ("signing: device profile builder", ("profiles.py:device",)),
+    ("signing: ECDSA and DER", ("signer.py:FileSigner.sign_certificate",)),
+    ("fingerprints: cert_sha256", ("keys.py:cert_sha256",)),
     ("TLS: client cert to a cryptography object", ("SSL.py:Connection.get_peer_certificate",)),
+    ("TLS: socket writes (send syscalls)", ("selector_events.py:_SelectorSocketTransport.write",)),
     ("HTTP: aiohttp RequestHandler per connection", ("web_protocol.py:RequestHandler.__init__",)),
-    ("logging: INFO line per issued cert", ("service.py:EstService._issue", "stdlib/logging/")),
+    ("logging: INFO line per issued cert", ("service.py:_log_issued", "stdlib/logging/")),
 ]
 
 
-DB_REST = "database: the rest (AsyncSession wrappers, greenlet switches, pool, futures)"
+DB_REST = "database: the rest (ORM: the first factory lookup; engine and pool)"
 
 
 def categorize(speedscope: dict) -> dict:
@@ -745,6 +750,7 @@ def print_table(result: dict) -> None:
             f"{r['failures']:>4}{'' if r['valid'] else '  INVALID'}"
         )
     print(f"target: re-enrollment ratio <= {GO_REFERENCE_RATIO} (Go estserver, issue 3)")
+    print(f"certfleet's event loop: {result.get('server_event_loop', 'asyncio')}")
     for note in result.get("notes", []):
         print(f"note: {note}")
     prof = result.get("profile")
@@ -798,6 +804,7 @@ def main() -> None:
     )
     parser.add_argument("--tls", type=listed(("1.3", "1.2")), default=["1.3", "1.2"])
     parser.add_argument("--profile", action="store_true", help="also profile (SQLite, 1 worker)")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--speedscope", type=Path, help="keep py-spy's profile here")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -181,7 +181,7 @@ def _pending(pending: Pending) -> web.Response:
 @web.middleware
 async def _refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every refusal into one logged line of text; 500 only for real faults."""
-    request[REQUEST_ID] = uuid.uuid4().hex
+    request[REQUEST_ID] = secrets.token_hex(16)
     try:
         response = await handler(request)
     except EstError as exc:

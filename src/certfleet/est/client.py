@@ -17,6 +17,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from certfleet.agent.tls_client import TokenKey, client_context
 from certfleet.pki.pkcs7 import load_certs_only
 
 from . import wire
@@ -55,20 +56,13 @@ def fingerprint(cert: x509.Certificate) -> str:
 def tls_context(
     trust: list[x509.Certificate] | None,
     cert_file: Path | None = None,
-    key_file: Path | None = None,
+    key_file: Path | TokenKey | None = None,
 ) -> ssl.SSLContext:
-    """Client context: server checked against `trust` (or not at all, for bootstrap)."""
-    if trust is None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in trust)
-        context = ssl.create_default_context(cadata=pem)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert_file is not None:
-        context.load_cert_chain(cert_file, key_file)
-    return context
+    """Client context: server checked against `trust` (or not at all, for bootstrap).
+
+    `key_file` may be a `TokenKey`: the key then stays in its PKCS#11 token.
+    """
+    return client_context(trust, cert_file, key_file)
 
 
 class EstClient:
@@ -81,7 +75,7 @@ class EstClient:
         *,
         label: str | None = None,
         cert_file: Path | None = None,
-        key_file: Path | None = None,
+        key_file: Path | TokenKey | None = None,
         username: str | None = None,
         password: str | None = None,
         timeout: float = 30.0,

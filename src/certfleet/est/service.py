@@ -4,6 +4,14 @@
 is raised inside the store transaction, so it rolls back: a refused request
 writes nothing. An issued certificate is recorded, with an audit row, in the
 transaction that commits before the caller gets it.
+
+Renewals and enrollments with a device certificate, the bulk of the traffic,
+take the store's hot path: the client's row, deny-list state and both CAs in
+one query, then signing and the three inserts, in one transaction and one
+thread hop (store/hot_path.py). The CSR is checked before that transaction,
+but its refusal is raised after the client checks, so a request with several
+faults is refused for the same one as always. Bootstrap credentials and
+manual approval, rare and slow anyway (scrypt, an operator), use the ORM.
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from certfleet.pki.authority import FactoryAuthority, device_uuid_of, issue_device_certificate
+from certfleet.pki import profiles
+from certfleet.pki.authority import FactoryAuthority, device_uuid_of
 from certfleet.pki.csr import (
     CsrError,
     check_csr_signature,
@@ -37,9 +46,10 @@ from certfleet.pki.errors import PkiError
 from certfleet.pki.keys import cert_sha256, generate_private_key, pubkey_sha256
 from certfleet.pki.pkcs7 import certs_only
 from certfleet.protocol import CERT_ISSUED, rfc3339
-from certfleet.store import audit, cas, certificates, denylist, devices, est, factories, outbox
+from certfleet.store import audit, cas, denylist, devices, est, factories, outbox
 from certfleet.store.engine import Store
 from certfleet.store.errors import DuplicateError, NotFoundError
+from certfleet.store.hot_rows import ClientLookup, ClientRow, Issue, NewCertificate
 from certfleet.store.issued import record_device_certificate
 from certfleet.store.schema import (
     CaStatus,
@@ -124,6 +134,22 @@ class _Order:
     # An earlier answer to the same request (idempotent retry).
     previous: x509.Certificate | None = None
     server_key: ec.EllipticCurvePrivateKey | None = None
+    # The CSR's key, checked once (signature, type) before the order was made.
+    public_key: ec.EllipticCurvePublicKey | None = None
+
+
+@dataclass(frozen=True)
+class _CheckedCsr:
+    """A device-certificate request's CSR after every check that needs no store.
+
+    `error` is the first refusal, kept to be raised after the client checks.
+    `asked` is the device the CSR names (enrollment only).
+    """
+
+    csr: x509.CertificateSigningRequest | None = None
+    public_key: ec.EllipticCurvePublicKey | None = None
+    asked: str | None = None
+    error: EstError | None = None
 
 
 class EstService:
@@ -141,6 +167,7 @@ class EstService:
         self.policy = policy
         self._factory_ids: dict[str, int] = {}
         self._cacerts: dict[str, bytes] = {}
+        self._issuers = {name: profiles.Issuer.of(a.issuing_ca) for name, a in authorities.items()}
 
     @property
     def labels(self) -> list[str]:
@@ -198,12 +225,8 @@ class EstService:
                 "no-client-cert",
                 "simplereenroll needs the device's current certificate as TLS client certificate",
             )
-        async with self.store.transaction() as session:
-            request = await self._request(session, "simplereenroll", authority, csr_der, identity)
-            known = await self._check_client(session, request, current)
-            csr = self._csr(request)
-            _csr_check(check_reenroll, csr, current, self.policy.allow_same_key)
-            result = await self._fill(session, _Order(request, csr, str(known.device_uuid)))
+        request = await self._request("simplereenroll", authority, csr_der, identity)
+        result = await self._by_client_cert(request, current)
         return result if isinstance(result, Pending) else certs_only([result[0]])
 
     async def serverkeygen(
@@ -235,24 +258,20 @@ class EstService:
                 f"{operation} needs HTTP Basic enrollment credentials "
                 "(certfleet est credentials create) or a device certificate as TLS client cert",
             )
+        request = await self._request(operation, authority, csr_der, identity)
+        if identity.basic is None:
+            assert identity.client_cert is not None
+            return await self._by_client_cert(request, identity.client_cert)
         async with self.store.transaction() as session:
-            request = await self._request(session, operation, authority, csr_der, identity)
-            if identity.basic is not None:
-                order = await self._by_credential(session, request, identity.basic)
-            else:
-                order = await self._by_client_cert(session, request)
+            order = await self._by_credential(session, request, identity.basic)
             return await self._fill(session, order)
 
     async def _request(
-        self,
-        session: AsyncSession,
-        operation: str,
-        authority: FactoryAuthority,
-        csr_der: bytes,
-        identity: EstIdentity,
+        self, operation: str, authority: FactoryAuthority, csr_der: bytes, identity: EstIdentity
     ) -> _Request:
         if authority.factory not in self._factory_ids:
-            row = await factories.get_factory(session, authority.factory)
+            async with self.store.transaction() as session:
+                row = await factories.get_factory(session, authority.factory)
             self._factory_ids[authority.factory] = row.id
         factory_id = self._factory_ids[authority.factory]
         return _Request(operation, authority, factory_id, csr_der, identity)
@@ -269,7 +288,7 @@ class EstService:
                 f"EST credential '{basic.username}' belongs to another factory than "
                 f"'{request.authority.factory}'; use that factory's CA label",
             )
-        csr = self._csr(request)
+        csr, public_key = self._csr(request)
         try:
             check_enroll_subject(csr, credential.bound_subject)
         except CsrError as exc:
@@ -277,6 +296,7 @@ class EstService:
         device_uuid = credential.bound_subject
         await self._check_new_device(session, request, device_uuid)
         order = _Order(request, csr, device_uuid, make_current=True, credential=credential)
+        order.public_key = public_key
         if credential.used_at is not None:
             order.previous = await self._previous(session, order)
         return order
@@ -306,7 +326,8 @@ class EstService:
         if device.deleted_at is not None:
             raise _deleted(device_uuid, device.deleted_at)
         if device.factory_id != request.factory_id:
-            raise await _other_factory(session, "device", device.factory_id, request)
+            owner = await _factory_name(session, device.factory_id)
+            raise _other_factory("device", owner, request)
 
     async def _previous(self, session: AsyncSession, order: _Order) -> x509.Certificate:
         """A used credential may only fetch again what it got, for the same key."""
@@ -331,50 +352,69 @@ class EstService:
 
     # -- enrollment and renewal with a device certificate -----------------------------------
 
-    async def _by_client_cert(self, session: AsyncSession, request: _Request) -> _Order:
+    async def _by_client_cert(
+        self, request: _Request, current: x509.Certificate
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | None] | Pending:
+        """Enrollment or renewal with the device's current certificate as TLS client cert."""
+        client_sha256 = cert_sha256(current)
+        checked = self._checked_csr(request, current)
+        lookup = ClientLookup(client_sha256, request.factory_id, request.authority.issuing_ca_id)
+        hot = self.store.hot_path()
+        if self.policy.manual_approval:
+            order = self._client_order(await hot.client(lookup), request, checked)
+            async with self.store.transaction() as session:
+                return await self._fill(session, order)
+        issued: list[tuple[x509.Certificate, _Order]] = []
+
+        def decide(row: ClientRow | None) -> Issue:
+            # Runs inside the store's write transaction (maybe in its thread).
+            order = self._client_order(row, request, checked)
+            _check_issuing_ca_row(row, request)
+            cert = self._sign(order)
+            issued.append((cert, order))
+            return _issue_rows(order, cert, client_sha256)
+
+        await hot.issue(lookup, decide)
+        cert, order = issued[0]
+        _log_issued(request, cert, order.device_uuid)
+        return cert, order.server_key
+
+    def _client_order(
+        self, row: ClientRow | None, request: _Request, checked: _CheckedCsr
+    ) -> _Order:
+        """The order of a client that may have a certificate in this factory; refusals otherwise."""
         current = request.identity.client_cert
         assert current is not None
-        known = await self._check_client(session, request, current)
-        csr = self._csr(request)
-        asked = _csr_check(device_uuid_of, csr)
-        if asked != known.device_uuid:
+        known = _check_client(row, request, current)
+        if checked.error is not None:
+            raise checked.error
+        assert checked.csr is not None
+        if checked.asked is not None and checked.asked != known:
             raise forbidden(
                 "not-own-subject",
-                f"a device certificate may only enroll its own subject CN={known.device_uuid}; "
-                f"the CSR asks for {name_text(csr.subject)}",
+                f"a device certificate may only enroll its own subject CN={known}; "
+                f"the CSR asks for {name_text(checked.csr.subject)}",
             )
-        return _Order(request, csr, asked)
-
-    async def _check_client(
-        self, session: AsyncSession, request: _Request, cert: x509.Certificate
-    ) -> Certificate:
-        """The stored row of a client cert that may renew in this factory; 403 otherwise."""
-        sha256 = cert_sha256(cert)
-        try:
-            row = await certificates.get_certificate(session, sha256)
-        except NotFoundError:
-            row = None
-        if row is None or row.device_uuid is None:
-            raise forbidden(
-                "unknown-cert",
-                "device cert is not known to this server; register the device first",
-            )
-        device = await devices.get_device(session, row.device_uuid, include_deleted=True)
-        if device.deleted_at is not None:
-            raise _deleted(row.device_uuid, device.deleted_at)
-        if await denylist.is_denied(session, sha256):
-            raise forbidden("denied", f"device cert is on the deny-list (serial {row.serial})")
-        await _check_issuer(session, row, device.factory_id)
-        check_cert_dates(cert)
-        if device.factory_id != request.factory_id:
-            raise await _other_factory(session, "device cert", device.factory_id, request)
-        return row
+        return _Order(request, checked.csr, known, public_key=checked.public_key)
 
     # -- the CSR ---------------------------------------------------------------------------
 
-    def _csr(self, request: _Request) -> x509.CertificateSigningRequest:
+    def _checked_csr(self, request: _Request, current: x509.Certificate) -> _CheckedCsr:
+        """Every check of a device-certificate request's CSR, in the order they are refused."""
+        try:
+            csr, public_key = self._csr(request)
+            if request.operation == "simplereenroll":
+                _csr_check(check_reenroll, csr, current, self.policy.allow_same_key)
+                return _CheckedCsr(csr, public_key)
+            return _CheckedCsr(csr, public_key, _csr_check(device_uuid_of, csr))
+        except EstError as exc:
+            return _CheckedCsr(error=exc)
+
+    def _csr(
+        self, request: _Request
+    ) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
         """Parse and check the CSR itself: signature, key type, tls-unique link."""
-        csr = _csr_check(_load_checked_csr, request.csr_der)
+        csr, public_key = _csr_check(_load_checked_csr, request.csr_der)
         if self.policy.require_tls_unique:
             identity = request.identity
             if not identity.tls_unique:
@@ -385,7 +425,7 @@ class EstService:
                     "connect with TLS 1.2 or ask the operator to turn require_tls_unique off",
                 )
             _csr_check(check_tls_unique, csr, identity.tls_unique)
-        return csr
+        return csr, public_key
 
     # -- filling, holding for approval, issuing ---------------------------------------------
 
@@ -489,49 +529,51 @@ class EstService:
             },
             device_uuid=order.device_uuid,
         )
+        client = request.identity.client_cert
         await audit.append_audit(
             session,
             actor=f"est:{request.identity.peer}",
             action=f"est.{request.operation}",
             target=order.device_uuid,
-            details=_audit_details(order, cert),
+            details=_audit_details(order, cert, row.sha256, client and cert_sha256(client)),
         )
-        log.info(
-            "EST %s issued serial %x to %s (request id %s)",
-            request.operation,
-            cert.serial_number,
-            order.device_uuid,
-            request.identity.request_id,
-        )
+        _log_issued(request, cert, order.device_uuid)
         return cert, row.id
 
     def _sign(self, order: _Order) -> x509.Certificate:
+        """Sign the device profile for the order's (checked) CSR; a serverkeygen key is made here.
+
+        The CSR's signature and key were checked when the order was made, so
+        this does not check them again.
+        """
         authority = order.request.authority
-        csr = order.csr
+        public_key = order.public_key
         if order.request.operation == "serverkeygen":
             order.server_key = generate_private_key()
-            builder = x509.CertificateSigningRequestBuilder().subject_name(csr.subject)
-            csr = builder.sign(order.server_key, hashes.SHA256())
+            public_key = order.server_key.public_key()
+        assert public_key is not None
         try:
-            return issue_device_certificate(
-                csr,
-                authority.issuing_ca,
-                authority.signer,
+            builder = profiles.device(
+                device_uuid_of(order.csr),
                 authority.factory,
+                public_key,
+                self._issuers[authority.factory],
                 self.policy.validity,
-                keep_sans_of=_renewed_cert(order.request),
+                sans=_sans(_renewed_cert(order.request)),
             )
+            return authority.signer.sign_certificate(builder)
         except CsrError as exc:
             raise bad_request(exc.code, str(exc)) from exc
         except PkiError as exc:
             raise EstError(503, "cannot-issue", str(exc)) from exc
 
 
-def _load_checked_csr(der: bytes) -> x509.CertificateSigningRequest:
+def _load_checked_csr(
+    der: bytes,
+) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
     csr = load_csr(der)
     check_csr_signature(csr)
-    check_key(csr)
-    return csr
+    return csr, check_key(csr)
 
 
 def _csr_check(check: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -542,26 +584,51 @@ def _csr_check(check: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         raise bad_request(exc.code, str(exc)) from exc
 
 
-async def _check_issuer(session: AsyncSession, row: Certificate, factory_id: int) -> None:
-    for ca in await cas.list_cas(session, factory_id):
-        if ca.id == row.issuer_ca_id and ca.status != CaStatus.ACTIVE:
-            raise forbidden(
-                f"ca-{ca.status}",
-                f"device cert was issued by device CA '{ca.name}', which was {ca.status} "
-                f"at {_when(ca.status_changed_at)}; enroll again with a bootstrap credential",
-            )
+def _check_client(row: ClientRow | None, request: _Request, cert: x509.Certificate) -> str:
+    """The device of a client cert that may renew in this factory; 403 otherwise."""
+    if row is None or row.device_uuid is None:
+        raise forbidden(
+            "unknown-cert",
+            "device cert is not known to this server; register the device first",
+        )
+    if row.deleted_at is not None:
+        raise _deleted(row.device_uuid, row.deleted_at)
+    if row.denied:
+        raise forbidden("denied", f"device cert is on the deny-list (serial {row.serial})")
+    if row.issuer_name is not None and row.issuer_status != CaStatus.ACTIVE:
+        raise forbidden(
+            f"ca-{row.issuer_status}",
+            f"device cert was issued by device CA '{row.issuer_name}', which was "
+            f"{row.issuer_status} at {_when(row.issuer_changed_at)}; enroll again with a "
+            "bootstrap credential",
+        )
+    check_cert_dates(cert)
+    if row.device_factory_id != request.factory_id:
+        owner = row.device_factory or f"#{row.device_factory_id}"
+        raise _other_factory("device cert", owner, request)
+    return row.device_uuid
+
+
+def _check_issuing_ca_row(row: ClientRow | None, request: _Request) -> None:
+    """The operator may have disabled the online CA after this process loaded it."""
+    if row is not None and row.issuing_name is not None and row.issuing_status != CaStatus.ACTIVE:
+        raise _issuing_ca_inactive(row.issuing_name, row.issuing_status)
 
 
 async def _check_issuing_ca(session: AsyncSession, request: _Request) -> None:
     """The operator may have disabled the online CA after this process loaded it."""
     for ca in await cas.list_cas(session, request.factory_id):
         if ca.id == request.authority.issuing_ca_id and ca.status != CaStatus.ACTIVE:
-            raise EstError(
-                503,
-                "issuing-ca-inactive",
-                f"this server's issuing CA '{ca.name}' is {ca.status}; it issues no "
-                "certificates until restarted with an active online CA",
-            )
+            raise _issuing_ca_inactive(ca.name, ca.status)
+
+
+def _issuing_ca_inactive(name: str, status: str | None) -> EstError:
+    return EstError(
+        503,
+        "issuing-ca-inactive",
+        f"this server's issuing CA '{name}' is {status}; it issues no "
+        "certificates until restarted with an active online CA",
+    )
 
 
 def check_cert_dates(cert: x509.Certificate) -> None:
@@ -589,11 +656,12 @@ def _deleted(device_uuid: str, deleted_at: dt.datetime) -> EstError:
     )
 
 
-async def _other_factory(
-    session: AsyncSession, what: str, factory_id: int, request: _Request
-) -> EstError:
+async def _factory_name(session: AsyncSession, factory_id: int) -> str:
     names = {f.id: f.name for f in await factories.list_factories(session)}
-    owner = names.get(factory_id, f"#{factory_id}")
+    return names.get(factory_id, f"#{factory_id}")
+
+
+def _other_factory(what: str, owner: str, request: _Request) -> EstError:
     return forbidden(
         "other-factory",
         f"{what} belongs to factory '{owner}', not '{request.authority.factory}'; "
@@ -601,19 +669,76 @@ async def _other_factory(
     )
 
 
-def _audit_details(order: _Order, cert: x509.Certificate) -> dict[str, str]:
+def _audit_details(
+    order: _Order, cert: x509.Certificate, sha256: str, client_sha256: str | None
+) -> dict[str, str]:
     identity = order.request.identity
     if identity.basic is not None:
         via = f"basic:{identity.basic.username}"
     else:
-        via = f"cert:{cert_sha256(identity.client_cert)}" if identity.client_cert else "none"
+        via = f"cert:{client_sha256}" if client_sha256 else "none"
     return {
         "request": order.request.name,
         "label": order.request.authority.factory,
         "serial": f"{cert.serial_number:x}",
-        "sha256": cert_sha256(cert),
+        "sha256": sha256,
         "authenticated_by": via,
     }
+
+
+def _issue_rows(order: _Order, cert: x509.Certificate, client_sha256: str) -> Issue:
+    """What the hot path records for a certificate issued to a device-certificate client."""
+    request = order.request
+    sha256 = cert_sha256(cert)
+    serial = f"{cert.serial_number:x}"
+    assert order.public_key is not None or order.server_key is not None
+    key = order.server_key.public_key() if order.server_key else order.public_key
+    record = NewCertificate(
+        serial=serial,
+        sha256=sha256,
+        subject=name_text(cert.subject),
+        pubkey_sha256=pubkey_sha256(key),  # type: ignore[arg-type]
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        issuer_ca_id=request.authority.issuing_ca_id,
+        device_uuid=order.device_uuid,
+        issued_by_request=request.name,
+    )
+    payload = {
+        "uuid": order.device_uuid,
+        "serial": serial,
+        "sha256": sha256,
+        "not_after": rfc3339(cert.not_valid_after_utc),
+        "request": request.name,
+    }
+    return Issue(
+        certificate=record,
+        topic=CERT_ISSUED,
+        payload=payload,
+        actor=f"est:{request.identity.peer}",
+        action=f"est.{request.operation}",
+        details=_audit_details(order, cert, sha256, client_sha256),
+    )
+
+
+def _log_issued(request: _Request, cert: x509.Certificate, device_uuid: str) -> None:
+    log.info(
+        "EST %s issued serial %x to %s (request id %s)",
+        request.operation,
+        cert.serial_number,
+        device_uuid,
+        request.identity.request_id,
+    )
+
+
+def _sans(cert: x509.Certificate | None) -> list[x509.GeneralName] | None:
+    if cert is None:
+        return None
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _when(moment: dt.datetime | None) -> str:

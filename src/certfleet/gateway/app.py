@@ -10,15 +10,18 @@ Every answer names the worker process that gave it in `X-Certfleet-Worker`.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import logging
 import os
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.helpers import parse_http_date
 from cryptography import x509
 
 from .config import http_date
@@ -88,7 +91,8 @@ class _Handlers:
 
     async def get_config(self, request: web.Request) -> web.Response:
         cert = _cert(request)
-        return _config(await self.service.config(cert, request.if_modified_since))
+        since = _http_date_value(request.headers.get(hdrs.IF_MODIFIED_SINCE))
+        return _config(await self.service.config(cert, since))
 
     async def get_config_device(self, request: web.Request) -> web.Response:
         return _config(await self.service.device_config(_cert(request)))
@@ -123,6 +127,12 @@ def _cert(request: web.Request) -> x509.Certificate:
     return cert
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date_value(header: str | None) -> dt.datetime | None:
+    # A device sends the same If-Modified-Since until its config changes: parse it once.
+    return parse_http_date(header)
+
+
 def _too_large(what: str, limit: int) -> GatewayError:
     return too_large("too-large", f"{what} is over this gateway's limit of {limit} bytes")
 
@@ -147,7 +157,7 @@ def _config(answer: ConfigAnswer) -> web.Response:
 @web.middleware
 async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every refusal into one logged line of text; 500 only for real faults."""
-    request[REQUEST_ID] = uuid.uuid4().hex
+    request[REQUEST_ID] = secrets.token_hex(16)
     try:
         response = await handler(request)
     except GatewayError as exc:

@@ -14,6 +14,12 @@ idempotent re-insert) simply expire from the gap list.
 
 Entries are never removed from the store's deny-list, so the reload only adds:
 the set is never rebuilt, and polling goes on while a reload pages through.
+
+Each poll also reads the store's change counter (`generation`, raised by
+triggers when a device is deleted, moved or changes its certificate, a CA's
+status changes or any config changes): what a process keeps in memory about
+devices is stale once the counter moved past what it was read with. Polls
+are reads that take no write lock (store/hot_path.py).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from certfleet.store import denylist
 from certfleet.store.engine import Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class DenylistCache:
         self._gaps: dict[int, float] = {}  # entry id -> when to stop asking for it
         self._tasks: list[asyncio.Task[None]] = []
         self.refreshed_at: float | None = None  # time.monotonic() of the last good poll
+        self.generation = 0  # the store's change counter at the last good poll
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -70,8 +76,7 @@ class DenylistCache:
         """Page through the whole deny-list, adding what polling may have missed."""
         after = 0
         while True:
-            async with self.store.transaction() as session:
-                rows = await denylist.denied_fingerprints(session, after, limit=self.page_size)
+            rows = await self.store.hot_path().denied_page(after, self.page_size)
             self._take(rows)
             if len(rows) < self.page_size:
                 return
@@ -82,14 +87,13 @@ class DenylistCache:
         now = time.monotonic()
         self._gaps = {i: until for i, until in self._gaps.items() if until > now}
         while True:
-            async with self.store.transaction() as session:
-                rows = await denylist.denied_fingerprints(
-                    session, self._last_id, limit=self.page_size
-                )
-                rows += await denylist.denied_among(session, list(self._gaps))
-            self._take(rows)
-            if len(rows) < self.page_size:
+            polled = await self.store.hot_path().denied_poll(
+                self._last_id, list(self._gaps), self.page_size
+            )
+            self._take(polled.rows)
+            if len(polled.rows) < self.page_size:
                 break
+        self.generation = polled.generation
         self.refreshed_at = time.monotonic()
 
     def _take(self, rows: Iterable[tuple[int, str]]) -> None:
@@ -109,9 +113,9 @@ class DenylistCache:
     async def start(self) -> None:
         """Load everything now, then keep polling and reloading in the background."""
         await self.reload()
-        self.refreshed_at = time.monotonic()
         # The first load's holes are old ids, not commits in flight.
         self._gaps.clear()
+        await self.poll()
         self._tasks = [
             asyncio.create_task(self._every(self.poll_every, self.poll), name="denylist-poll"),
             asyncio.create_task(

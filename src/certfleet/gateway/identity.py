@@ -15,6 +15,13 @@ Checks, in this order (every refusal is a 403 with its reason):
 
 TLS already refused expired and untrusted certificates; dates, subject and
 factory are checked again so that nothing here depends on how TLS was set up.
+
+Check-ins read the device with the store's hot path (`checked_in`, one query
+that takes no write lock) and leave the result in a per-worker cache
+(`recent`), which a 304 answer reads instead of the store until the store's
+change counter moves (see config.CheckinCache). last_seen_at is queued and
+written in batches (store/seen_writer.py). Requests that change the device
+use `current` inside their own ORM transaction.
 """
 
 from __future__ import annotations
@@ -54,7 +61,9 @@ from certfleet.store.schema import (
     RegisteredVia,
     utcnow,
 )
+from certfleet.store.seen_writer import SeenWriter
 
+from .config import CachedCheckin, CheckinCache
 from .denylist_cache import DenylistCache
 from .errors import GatewayError, forbidden, no_client_cert
 
@@ -98,14 +107,18 @@ class DeviceIdentity:
 
 
 @dataclass(frozen=True)
-class _Claim:
+class Claim:
     """What a client certificate says about itself, before the store is asked."""
 
     cert: x509.Certificate
-    sha256: str
+    digest: bytes
     uuid: str
     factory: str
     factory_id: int
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hex()
 
     @property
     def serial(self) -> str:
@@ -148,6 +161,8 @@ class IdentityResolver:
         self.factories = sorted(authorities)
         self.denied = denied
         self.seen_every = dt.timedelta(seconds=seen_every)
+        self.seen = SeenWriter(store)
+        self.recent = CheckinCache()
         self._factory_ids: dict[str, int] = {}
         self._ca_certs: dict[str, x509.Certificate] = {}
         self._alerted: dict[str, float] = {}
@@ -158,43 +173,46 @@ class IdentityResolver:
         """The device whose current certificate `cert` is, or None if it is not current yet.
 
         None means `first_contact` decides (registration or key change); refusals
-        raise GatewayError. One query, and `with_config` adds the config's last
-        change to it.
+        raise GatewayError. One query in the caller's transaction, and
+        `with_config` adds the config's last change to it.
         """
-        claim = await self._claim(session, cert)
+        claim = await self.claim(cert, session)
         row = await certificates.checkin(session, claim.sha256, with_config=with_config)
-        if row is None or row.factory_id is None or row.device_uuid != claim.uuid:
-            return None  # first_contact refuses a certificate of another device
-        _check_device(claim, claim.uuid, row.deleted_at, row.factory_id)
-        _check_issuer(row.ca_name, row.ca_status, row.ca_status_changed_at)
-        if row.current_cert_id != row.cert_id:
+        me = _identity(claim, row, with_config)
+        if me is not None and row is not None:
+            await self._seen(session, claim.uuid, row.last_seen_at)
+        return me
+
+    async def checked_in(self, claim: Claim) -> DeviceIdentity | None:
+        """`current` for a check-in: one read through the hot path; the result is cached."""
+        row = await self.store.hot_path().checkin(claim.sha256)
+        me = _identity(claim, row, with_config=True)
+        if me is None or row is None:
             return None
-        await self._seen(session, claim.uuid, row.last_seen_at)
-        return DeviceIdentity(
-            uuid=claim.uuid,
-            factory=claim.factory,
-            factory_id=claim.factory_id,
-            group=row.group_name,
-            cert=claim.cert,
-            cert_id=row.cert_id,
-            serial=row.serial,
-            sha256=claim.sha256,
-            pubkey_sha256=row.pubkey_sha256,
-            not_before=row.not_before,
-            not_after=row.not_after,
-            registered_via=row.registered_via,
-            created_at=row.created_at,
-            next_pubkey_sha256=row.next_pubkey_sha256,
-            config_locked=row.config_locked,
-            config_changed=row.config_changed if with_config else None,
-        )
+        last_seen = self._mark_seen(claim.uuid, row.last_seen_at)
+        self.recent.put(claim.digest, CachedCheckin(row.config_changed, last_seen, row.generation))
+        return me
+
+    def cached(self, claim: Claim) -> CachedCheckin | None:
+        """What the last check-in of `claim`'s certificate read, if nothing changed since.
+
+        The device counts as seen now, as after any check-in.
+        """
+        entry = self.recent.get(claim.digest, self.denied.generation)
+        if entry is not None:
+            entry.last_seen = self._mark_seen(claim.uuid, entry.last_seen)
+        return entry
+
+    def forget(self, sha256: str) -> None:
+        """This process changed the device of certificate `sha256`: read it again next time."""
+        self.recent.drop(bytes.fromhex(sha256))
 
     async def first_contact(self, cert: x509.Certificate | None) -> None:
         """Register the device of `cert`, or move it to the key of `cert`; GatewayError if not."""
         for _ in range(ATTEMPTS):
             try:
                 async with self.store.transaction() as session:
-                    claim = await self._claim(session, cert)
+                    claim = await self.claim(cert, session)
                     newly_denied = await self._first_contact(session, claim)
             except _Refused as refused:
                 await self._alert(refused)
@@ -210,7 +228,13 @@ class IdentityResolver:
 
     # -- what the certificate says ------------------------------------------------------
 
-    async def _claim(self, session: AsyncSession, cert: x509.Certificate | None) -> _Claim:
+    async def claim(
+        self, cert: x509.Certificate | None, session: AsyncSession | None = None
+    ) -> Claim:
+        """What `cert` says about itself; refusals that need no store (401, 403) are raised here.
+
+        `session`: the caller's transaction, if it has one (used once per factory).
+        """
         if cert is None:
             raise no_client_cert()
         digest = cert.fingerprint(hashes.SHA256())
@@ -220,10 +244,10 @@ class IdentityResolver:
             )
         _check_dates(cert)
         device_uuid, factory = _subject(cert)
-        factory_id = await self._factory_id(session, factory)
-        return _Claim(cert, digest.hex(), device_uuid, factory, factory_id)
+        factory_id = await self._factory_id(factory, session)
+        return Claim(cert, digest, device_uuid, factory, factory_id)
 
-    async def _factory_id(self, session: AsyncSession, factory: str) -> int:
+    async def _factory_id(self, factory: str, session: AsyncSession | None) -> int:
         if factory not in self.factories:
             served = ", ".join(f"'{name}'" for name in self.factories)
             raise forbidden(
@@ -231,12 +255,17 @@ class IdentityResolver:
                 f"device cert is for factory '{factory}' (its OU); this gateway serves {served}",
             )
         if factory not in self._factory_ids:
-            self._factory_ids[factory] = (await factories.get_factory(session, factory)).id
+            if session is None:
+                async with self.store.transaction() as own:
+                    row = await factories.get_factory(own, factory)
+            else:
+                row = await factories.get_factory(session, factory)
+            self._factory_ids[factory] = row.id
         return self._factory_ids[factory]
 
     # -- first contact: registration or key change -----------------------------------------
 
-    async def _first_contact(self, session: AsyncSession, claim: _Claim) -> list[str]:
+    async def _first_contact(self, session: AsyncSession, claim: Claim) -> list[str]:
         """Decide about a certificate that is not its device's current one.
 
         Returns the fingerprints this deny-listed, for the caller to deny in
@@ -269,7 +298,7 @@ class IdentityResolver:
             raise self._wrong_key(claim, device)
         return await self._change_key(session, claim, device, row, ca)
 
-    async def _issuer(self, session: AsyncSession, claim: _Claim) -> Ca:
+    async def _issuer(self, session: AsyncSession, claim: Claim) -> Ca:
         for ca in await cas.list_cas(session, claim.factory_id):
             if ca.kind in DEVICE_CA_KINDS and _issued_by(claim.cert, self._ca_cert(ca)):
                 return ca
@@ -284,7 +313,7 @@ class IdentityResolver:
             self._ca_certs[ca.sha256] = x509.load_pem_x509_certificate(ca.cert_pem.encode())
         return self._ca_certs[ca.sha256]
 
-    async def _register(self, session: AsyncSession, claim: _Claim, ca: Ca) -> None:
+    async def _register(self, session: AsyncSession, claim: Claim, ca: Ca) -> None:
         if ca.status == CaStatus.DISABLED:
             raise forbidden(
                 "ca-disabled", f"device CA {ca.name} is disabled: it registers no new devices"
@@ -320,7 +349,7 @@ class IdentityResolver:
     async def _change_key(
         self,
         session: AsyncSession,
-        claim: _Claim,
+        claim: Claim,
         device: Device,
         row: Certificate | None,
         ca: Ca,
@@ -381,7 +410,7 @@ class IdentityResolver:
         log.info("device %s changed its key (cert serial %s)", claim.uuid, claim.serial)
         return [old.sha256] if old is not None else []
 
-    def _wrong_key(self, claim: _Claim, device: Device) -> _Refused:
+    def _wrong_key(self, claim: Claim, device: Device) -> _Refused:
         announced = device.next_pubkey_sha256
         if announced:
             detail = f"announced key sha256 {announced[:16]}…, this key {claim.pubkey_sha256[:16]}…"
@@ -428,6 +457,46 @@ class IdentityResolver:
         if last_seen is None or now - last_seen >= self.seen_every:
             await devices.mark_seen(session, device_uuid, now)
 
+    def _mark_seen(self, device_uuid: str, last_seen: dt.datetime | None) -> dt.datetime | None:
+        """Queue a last_seen_at write if one is due (see _seen); the time it will hold."""
+        now = utcnow()
+        if last_seen is None or now - last_seen >= self.seen_every:
+            self.seen.mark(device_uuid, now)
+            return now
+        return last_seen
+
+
+def _identity(claim: Claim, row: Any, with_config: bool) -> DeviceIdentity | None:
+    """The device of `claim` from its check-in row, None if the certificate is not current.
+
+    `row` has the columns of store.certificates.checkin (an ORM row or a
+    hot_rows.CheckinRow).
+    """
+    if row is None or row.factory_id is None or row.device_uuid != claim.uuid:
+        return None  # first_contact refuses a certificate of another device
+    _check_device(claim, claim.uuid, row.deleted_at, row.factory_id)
+    _check_issuer(row.ca_name, row.ca_status, row.ca_status_changed_at)
+    if row.current_cert_id != row.cert_id:
+        return None
+    return DeviceIdentity(
+        uuid=claim.uuid,
+        factory=claim.factory,
+        factory_id=claim.factory_id,
+        group=row.group_name,
+        cert=claim.cert,
+        cert_id=row.cert_id,
+        serial=row.serial,
+        sha256=claim.sha256,
+        pubkey_sha256=row.pubkey_sha256,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        registered_via=row.registered_via,
+        created_at=row.created_at,
+        next_pubkey_sha256=row.next_pubkey_sha256,
+        config_locked=row.config_locked,
+        config_changed=row.config_changed if with_config else None,
+    )
+
 
 def _subject(cert: x509.Certificate) -> tuple[str, str]:
     """(device uuid, factory) from `CN=<uuid>, OU=<factory>`; 403 if the subject is not that."""
@@ -466,14 +535,14 @@ def _check_dates(cert: x509.Certificate) -> None:
         )
 
 
-def _check_key(claim: _Claim) -> None:
+def _check_key(claim: Claim) -> None:
     try:
         check_public_key(claim.cert.public_key())
     except PkiError as exc:
         raise forbidden("key-type", f"device cert: {exc}") from exc
 
 
-def _own_device(claim: _Claim, row: Certificate, device: Device | None) -> Device:
+def _own_device(claim: Claim, row: Certificate, device: Device | None) -> Device:
     if device is None or row.device_uuid != claim.uuid:
         owner = row.device_uuid or "no device"
         raise forbidden(
@@ -484,7 +553,7 @@ def _own_device(claim: _Claim, row: Certificate, device: Device | None) -> Devic
 
 
 def _check_device(
-    claim: _Claim, device_uuid: str, deleted_at: dt.datetime | None, factory_id: int
+    claim: Claim, device_uuid: str, deleted_at: dt.datetime | None, factory_id: int
 ) -> None:
     if deleted_at is not None:
         raise forbidden(

@@ -6,6 +6,10 @@ and does its work in the same store transaction, so a refused request rolls
 back and writes nothing; events for the outbox are appended in that
 transaction too. Bodies arrive as bytes and are parsed after the identity
 check, so an unknown or refused device learns nothing about its body.
+
+Read-only calls (the config check-in, GET /device) skip the ORM: one read on
+the store's hot path, and a config check-in whose answer is 304 is usually
+answered from the per-worker cache with no store access at all.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from certfleet.pki.authority import FactoryAuthority
 from certfleet.store import audit, config_files, devices, outbox, updates
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.engine import Store
-from certfleet.store.schema import ConfigFile, ConfigScope, UpdateStatus, utcnow
+from certfleet.store.schema import ConfigScope, UpdateStatus, utcnow
 
 from . import config, wire
 from .denylist_cache import DenylistCache
 from .errors import GatewayError, bad_request, conflict
-from .identity import DeviceIdentity, IdentityResolver
+from .identity import Claim, DeviceIdentity, IdentityResolver
 from .policy import GatewayPolicy
 
 T = TypeVar("T")
@@ -37,7 +41,8 @@ Work = Callable[[AsyncSession, DeviceIdentity], Awaitable[T]]
 
 # The operator's config commands read when the lock began from this audit action.
 NEXT_KEY_ACTION = "device.next-key"
-ROTATION_PREFIX = "certs-"
+# Operator-triggered rotations are certs-<time>; device-initiated renewals auto-<time>.
+ROTATION_PREFIXES = ("certs-", "auto-")
 ROTATION_COMPLETED = "CertRotationCompleted"
 
 
@@ -77,20 +82,22 @@ class GatewayService:
     async def start(self) -> None:
         """Load the deny-list and start keeping it fresh; call before serving."""
         await self.denied.start()
+        await self.identity.seen.start()
 
     async def close(self) -> None:
-        """Stop the background refresh."""
+        """Stop the background work; queued last-seen times are written."""
         await self.denied.stop()
+        await self.identity.seen.stop()
 
     async def identify(self, cert: x509.Certificate | None) -> DeviceIdentity:
         """The device of `cert`, registering it or switching its key if that is due."""
-        return await self._as_device(cert, _just_identity)
+        return await self._checked_in(await self.identity.claim(cert))
 
     # -- the device itself ------------------------------------------------------------------
 
     async def device(self, cert: x509.Certificate | None) -> dict[str, Any]:
         """GET /device: the device's own view of itself."""
-        return await self._as_device(cert, _device_view)
+        return _view(await self.identify(cert))
 
     async def announce_next_key(self, cert: x509.Certificate | None, body: bytes) -> dict[str, Any]:
         """PATCH /device: record the next key and lock the device's config until it is used."""
@@ -131,24 +138,21 @@ class GatewayService:
     ) -> ConfigAnswer:
         """GET /config: merged files encrypted for the device, or 304 if it has them."""
 
-        async def work(
-            session: AsyncSession, me: DeviceIdentity
-        ) -> tuple[DeviceIdentity, dt.datetime | None, list[ConfigFile] | None]:
+        claim = await self.identity.claim(cert)
+        known = self.identity.cached(claim)
+        if known is not None:
             now = utcnow()
-            current = config.version(me.config_changed, now)
+            current = config.version(known.config_changed, now)
             if config.not_modified(if_modified_since, current, now):
-                return me, current, None
-            return (
-                me,
-                current,
-                await config_files.files_for_device(session, me.factory_id, me.group, me.uuid),
-            )
-
-        # The 304 answer costs one query: the identity and the config's last change.
-        me, current, rows = await self._as_device(cert, work, with_config=True)
-        if rows is None:
+                return ConfigAnswer(304, current, None)
+        me = await self._checked_in(claim)
+        now = utcnow()
+        current = config.version(me.config_changed, now)
+        if config.not_modified(if_modified_since, current, now):
             return ConfigAnswer(304, current, None)
-        # Encrypted after the transaction: ECDH per value needs no database lock.
+        hot = self.store.hot_path()
+        rows = await hot.config_files(me.factory_id, me.group, me.uuid)
+        # ECDH per value: no store connection is held meanwhile.
         return ConfigAnswer(200, current, config.render(config.merge(rows), me.public_key))
 
     async def device_config(self, cert: x509.Certificate | None) -> ConfigAnswer:
@@ -225,9 +229,7 @@ class GatewayService:
 
     # -- the device behind each request ------------------------------------------------------
 
-    async def _as_device(
-        self, cert: x509.Certificate | None, work: Work[T], *, with_config: bool = False
-    ) -> T:
+    async def _as_device(self, cert: x509.Certificate | None, work: Work[T]) -> T:
         """Run `work` for the device of `cert` in one transaction with the identity check.
 
         The usual case, a device's current certificate, is one transaction. A
@@ -235,24 +237,45 @@ class GatewayService:
         transactions of its own first, then the work runs.
         """
         async with self.store.transaction() as session:
-            me = await self.identity.current(session, cert, with_config=with_config)
+            me = await self.identity.current(session, cert)
             if me is not None:
-                return await work(session, me)
+                return await self._changing(session, me, work)
         await self.identity.first_contact(cert)
         async with self.store.transaction() as session:
-            me = await self.identity.current(session, cert, with_config=with_config)
+            me = await self.identity.current(session, cert)
             if me is None:
-                raise GatewayError(
-                    503, "busy", "the device's certificate changed during this request; retry"
-                )
+                raise _changed_meanwhile()
+            return await self._changing(session, me, work)
+
+    async def _changing(self, session: AsyncSession, me: DeviceIdentity, work: Work[T]) -> T:
+        # Whatever the work changes, this process reads the device afresh afterwards.
+        self.identity.forget(me.sha256)
+        try:
             return await work(session, me)
+        finally:
+            self.identity.forget(me.sha256)
+
+    async def _checked_in(self, claim: Claim) -> DeviceIdentity:
+        """The device of `claim` for a read-only request, after first contact if that is due."""
+        me = await self.identity.checked_in(claim)
+        if me is not None:
+            return me
+        await self.identity.first_contact(claim.cert)
+        me = await self.identity.checked_in(claim)
+        if me is None:
+            raise _changed_meanwhile()
+        return me
 
 
-async def _just_identity(session: AsyncSession, me: DeviceIdentity) -> DeviceIdentity:
-    return me
+def _changed_meanwhile() -> GatewayError:
+    return GatewayError(503, "busy", "the device's certificate changed during this request; retry")
 
 
 async def _device_view(session: AsyncSession, me: DeviceIdentity) -> dict[str, Any]:
+    return _view(me)
+
+
+def _view(me: DeviceIdentity) -> dict[str, Any]:
     return {
         "uuid": me.uuid,
         "factory": me.factory,
@@ -300,7 +323,7 @@ def _upload_conflict(me: DeviceIdentity, upload: wire.ConfigUpload) -> GatewayEr
 
 async def _store_event(session: AsyncSession, me: DeviceIdentity, event: wire.EventIn) -> int:
     """Store one event; 1 if it is new, 0 if the device sent it before."""
-    rotation = event.correlation_id.startswith(ROTATION_PREFIX)
+    rotation = event.correlation_id.startswith(ROTATION_PREFIXES)
     update = await updates.start_update(
         session, me.uuid, event.correlation_id, kind="cert-rotation" if rotation else "update"
     )
