@@ -434,12 +434,22 @@ def test_hsm_errors_are_one_line(tmp_path, softhsm_token):
 
 def test_ca_changes_are_events(pki, tmp_path):
     folder, db_url = pki
-    certfleet("keys", "ca", "new-local-ca", str(tmp_path / "l2"), "--pki", str(folder),
-              "--database", db_url)
-    certfleet("keys", "ca", "disable-device-ca", "local-ca-1", "--pki", str(folder),
-              "--database", db_url)
-    certfleet("keys", "ca", "revoke-device-ca", "local-ca-2", "--pki", str(folder),
-              "--database", db_url)
+    certfleet(
+        "keys",
+        "ca",
+        "new-local-ca",
+        str(tmp_path / "l2"),
+        "--pki",
+        str(folder),
+        "--database",
+        db_url,
+    )
+    certfleet(
+        "keys", "ca", "disable-device-ca", "local-ca-1", "--pki", str(folder), "--database", db_url
+    )
+    certfleet(
+        "keys", "ca", "revoke-device-ca", "local-ca-2", "--pki", str(folder), "--database", db_url
+    )
     out = certfleet("events", "tail", "--json", "--pki", str(folder), "--database", db_url)
     events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     seen = [(e["topic"], e["data"]["name"], e["data"]["status"]) for e in events]

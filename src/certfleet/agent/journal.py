@@ -4,17 +4,22 @@ One JSON file per rotation: ``<state_dir>/rotations/<rotation id>.json`` (mode 0
 Every change is written with :func:`certfleet.pki.files.write_atomic` (temp file,
 fsync, rename, fsync of the directory), so a step's result is durable before
 ``Rotation.record`` returns. The journal holds only small JSON values (file names,
-fingerprints); private keys never go in it and PEM private keys are refused.
+fingerprints, public data); private keys never go in it and PEM private keys are
+refused.
+
+A document holds, besides the step results: ``params``, what the rotation was
+asked to do and where its old and new credentials live (set once by ``begin``),
+and ``progress``, small facts learnt inside a step that a restart must know
+(``Rotation.note``), such as a request that may have reached a server.
 
 At most one rotation is unfinished at a time: ``Journal.begin`` with another id
 is refused until the unfinished one is finished or abandoned; ``begin`` with the
 same id resumes it and never overwrites it.
 
-A 5-step rotation makes 7 durable writes: begin, one per step, finish.
-
-Test hook: if the environment variable ``CERTFLEET_CRASH_AFTER_WRITE=k`` is set,
-the process kills itself with SIGKILL right after its k-th durable journal write
-(counted per process). It exists only for the crash-safety tests.
+A 5-step rotation makes 7 durable journal writes: begin, one per step, finish.
+The crash-test hooks (SIGKILL after the k-th durable write, or a simulated power
+cut) live in :mod:`certfleet.pki.files` and count every durable write of the
+process, the journal's included.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from certfleet.pki.files import write_atomic
+from certfleet.pki.files import CRASH_ENV, fsync_dir, write_atomic
 
-CRASH_ENV = "CERTFLEET_CRASH_AFTER_WRITE"
+__all__ = ["CRASH_ENV", "Journal", "JournalError", "Rotation"]
+
 FORMAT_VERSION = 1
 MAX_DETAILS_BYTES = 4096
 
@@ -45,20 +50,9 @@ STEP_FAILED = "failed"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PRIVATE_KEY_RE = re.compile(r"PRIVATE KEY-----")  # matches BEGIN and END lines of any PEM key
 
-_writes_done = 0
-
 
 class JournalError(Exception):
     """A journal operation was refused; the message says why and what to do."""
-
-
-def _crash_hook() -> None:
-    """Count durable writes; SIGKILL this process after the k-th if the test hook asks."""
-    global _writes_done
-    _writes_done += 1
-    wanted = os.environ.get(CRASH_ENV, "")
-    if wanted.isdigit() and int(wanted) == _writes_done:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
@@ -86,20 +80,42 @@ def _check_no_private_key(value: Any, where: str) -> None:
 
 def _check_details(step: str, details: dict[str, Any]) -> dict[str, Any]:
     """Validate step details: JSON-able, small, no private keys; return a JSON copy."""
-    _check_no_private_key(details, f"details of step {step!r}")
+    return _checked_json(details, f"details of step {step!r}")
+
+
+def _checked_json(value: dict[str, Any], what: str) -> dict[str, Any]:
+    """A JSON copy of `value` if it is plain JSON, small and free of private keys."""
+    _check_no_private_key(value, what)
     try:
-        text = json.dumps(details, allow_nan=False, sort_keys=True)
+        text = json.dumps(value, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise JournalError(
-            f"details of step {step!r} are not plain JSON values ({exc}); "
-            "record names, numbers and fingerprints only"
+            f"{what} are not plain JSON values ({exc}); record names, numbers and fingerprints only"
         ) from exc
     if len(text.encode()) > MAX_DETAILS_BYTES:
         raise JournalError(
-            f"details of step {step!r} are {len(text.encode())} bytes, over the "
+            f"{what} are {len(text.encode())} bytes, over the "
             f"{MAX_DETAILS_BYTES}-byte limit; record file names or fingerprints, not contents"
         )
     return json.loads(text)
+
+
+def stale_temp(path: Path) -> bool:
+    """True if `path` (a write_atomic temp file `.<name>.tmp-<pid>`) has no live writer.
+
+    A temp file of a running process is its write in flight: deleting it would
+    make that write fail.
+    """
+    pid = path.name.rpartition(".tmp-")[2]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return int(pid) == os.getpid()
 
 
 def _check_id(rotation_id: str) -> None:
@@ -144,6 +160,9 @@ def _validate(doc: Any, rotation_id: str) -> str | None:
         return "started_at missing"
     if doc.get("state") not in (IN_PROGRESS, *FINAL_STATES):
         return f"unknown state {doc.get('state')!r}"
+    for optional in ("params", "progress"):
+        if not isinstance(doc.get(optional, {}), dict):
+            return f"{optional} is not a JSON object"
     results = doc.get("results")
     if not isinstance(results, list) or len(results) > len(steps):
         return "results is not a list no longer than steps"
@@ -196,6 +215,26 @@ class Rotation:
         return self._doc.get("reason")
 
     @property
+    def params(self) -> dict[str, Any]:
+        """What the rotation was asked to do, as given to `Journal.begin`."""
+        return json.loads(json.dumps(self._doc.get("params", {})))
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """Facts recorded inside steps with `note` (a copy)."""
+        return json.loads(json.dumps(self._doc.get("progress", {})))
+
+    @property
+    def ended_at(self) -> str | None:
+        """When the rotation was completed, failed or abandoned."""
+        return self._doc.get("ended_at")
+
+    @property
+    def summary(self) -> str | None:
+        """The one-line account given to `finish`, if any."""
+        return self._doc.get("summary")
+
+    @property
     def path(self) -> Path:
         """The journal file of this rotation."""
         return self._path
@@ -238,7 +277,18 @@ class Rotation:
         }
         self._save({**self._doc, "results": [*self._doc["results"], result]})
 
-    def finish(self, ok: bool) -> None:
+    def note(self, **changes: Any) -> None:
+        """Durably merge `changes` into progress; a value of None removes that entry.
+
+        Allowed on a finished rotation too: delivery of its events is noted after the end.
+        """
+        progress = {**self._doc.get("progress", {}), **changes}
+        progress = {k: v for k, v in progress.items() if v is not None}
+        clean = _checked_json(progress, "rotation progress")
+        if clean != self._doc.get("progress", {}):
+            self._save({**self._doc, "progress": clean})
+
+    def finish(self, ok: bool, summary: str | None = None) -> None:
         """Durably mark the rotation completed (ok, all steps done) or failed."""
         state = COMPLETED if ok else FAILED
         if self.state == state:
@@ -252,7 +302,11 @@ class Rotation:
                     f"{len(done)} of {len(self._doc['steps'])} steps are done; run the "
                     "remaining steps or finish(False)"
                 )
-        self._save({**self._doc, "state": state, "ended_at": _now()})
+        ended = {"state": state, "ended_at": _now()}
+        if summary:
+            _check_no_private_key(summary, "rotation summary")
+            ended["summary"] = summary[:MAX_DETAILS_BYTES]
+        self._save({**self._doc, **ended})
 
     def abandon(self, reason: str) -> None:
         """Durably mark the unfinished rotation abandoned, with the reason."""
@@ -274,7 +328,6 @@ class Rotation:
         data = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
         write_atomic(self._path, data, 0o600)
         self._doc = doc
-        _crash_hook()
 
 
 class Journal:
@@ -283,9 +336,13 @@ class Journal:
     def __init__(self, state_dir: Path | str) -> None:
         """Open (creating if needed) `<state_dir>/rotations` and remove leftover temp files."""
         self.dir = Path(state_dir) / "rotations"
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # A new directory's own entry must survive a power cut, or its journals vanish.
+            fsync_dir(self.dir.parent)
+            fsync_dir(self.dir.parent.parent)
         for entry in self.dir.iterdir():
-            if entry.name.startswith(".") and ".tmp-" in entry.name:
+            if entry.name.startswith(".") and ".tmp-" in entry.name and stale_temp(entry):
                 entry.unlink(missing_ok=True)
 
     def _path(self, rotation_id: str) -> Path:
@@ -305,15 +362,18 @@ class Journal:
         rotation = self.get(rotation_id)
         return rotation is not None and rotation.state == COMPLETED
 
+    def all(self) -> list[Rotation]:
+        """Every rotation in this journal, oldest start first."""
+        found = [
+            Rotation(path, _load(path))
+            for path in self.dir.glob("*.json")
+            if not path.name.startswith(".")
+        ]
+        return sorted(found, key=lambda r: (r.started_at, r.rotation_id))
+
     def unfinished(self) -> Rotation | None:
         """The one rotation that is neither completed, failed nor abandoned, if any."""
-        found = []
-        for path in sorted(self.dir.glob("*.json")):
-            if path.name.startswith("."):
-                continue
-            doc = _load(path)
-            if doc["state"] == IN_PROGRESS:
-                found.append(Rotation(path, doc))
+        found = [r for r in self.all() if r.state == IN_PROGRESS]
         if len(found) > 1:
             names = ", ".join(r.rotation_id for r in found)
             raise JournalError(
@@ -321,8 +381,14 @@ class Journal:
             )
         return found[0] if found else None
 
-    def begin(self, rotation_id: str, steps: list[str]) -> Rotation:
-        """Start a rotation, or resume it if this id exists; refuse while another is unfinished."""
+    def begin(
+        self, rotation_id: str, steps: list[str], params: dict[str, Any] | None = None
+    ) -> Rotation:
+        """Start a rotation, or resume it if this id exists; refuse while another is unfinished.
+
+        `params` (small JSON, no key material) is stored with a new rotation only;
+        a resumed one keeps the params it began with.
+        """
         path = self._path(rotation_id)
         steps = list(steps)
         if not steps or not all(isinstance(s, str) and s for s in steps):
@@ -344,15 +410,16 @@ class Journal:
                     f"not {steps}; use a new rotation id"
                 )
             return existing
+        doc = {
+            "version": FORMAT_VERSION,
+            "rotation_id": rotation_id,
+            "started_at": _now(),
+            "steps": steps,
+            "results": [],
+            "state": IN_PROGRESS,
+        }
+        if params:
+            doc["params"] = _checked_json(params, f"params of rotation {rotation_id}")
         rotation = Rotation(path, {})
-        rotation._save(
-            {
-                "version": FORMAT_VERSION,
-                "rotation_id": rotation_id,
-                "started_at": _now(),
-                "steps": steps,
-                "results": [],
-                "state": IN_PROGRESS,
-            }
-        )
+        rotation._save(doc)
         return rotation

@@ -20,10 +20,18 @@ from certfleet.est.client import (
 from certfleet.pki.errors import PkiError
 from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem
+from certfleet.pki.pkcs11_signer import parse_hex_id
 from certfleet.pki.signer import FileSigner
 
 from .common import CertfleetGroup, console, run
-from .device_keys import hsm_options, make_csr, new_key_signer
+from .device_keys import (
+    client_key,
+    current_token_key_option,
+    hsm_options,
+    make_csr,
+    new_key_signer,
+    token_client_key_options,
+)
 
 PASSWORD_ENV = "CERTFLEET_EST_PASSWORD"
 
@@ -199,9 +207,8 @@ def enroll(
 @click.option(
     "--key",
     "key_file",
-    required=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="The current device key (authenticates the request).",
+    help="The current device key (authenticates the request); or --hsm-current-key-id.",
 )
 @click.option(
     "--key-out",
@@ -210,30 +217,45 @@ def enroll(
 )
 @click.option("--cert-out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @hsm_options
+@current_token_key_option
 def reenroll(
     server: str,
     trust: Path | None,
     label: str | None,
     max_wait: int,
     cert_file: Path,
-    key_file: Path,
+    key_file: Path | None,
     key_out: Path | None,
     cert_out: Path,
     hsm_module: str | None,
     hsm_token_label: str | None,
     hsm_key_id: str | None,
     hsm_pin: str | None,
+    hsm_current_key_id: str | None,
 ) -> None:
     """Renew this device's certificate with a new key (same subject and SAN)."""
+    current_key = client_key(key_file, hsm_module, hsm_token_label, hsm_current_key_id, hsm_pin)
+    if current_key is None:
+        raise click.UsageError("give --key FILE, or --hsm-current-key-id HEX for a token key")
+    if hsm_current_key_id and hsm_key_id and _same_id(hsm_current_key_id, hsm_key_id):
+        raise click.UsageError("--hsm-key-id must name another slot: renewal brings a new key")
     current = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    # The TLS context first: a token key that cannot authenticate must not
+    # leave a new key behind in the token.
+    client = EstClient(
+        server, _trust(trust), label=label, cert_file=cert_file, key_file=current_key
+    )
     signer = new_key_signer(key_out, hsm_module, hsm_token_label, hsm_key_id, hsm_pin)
     try:
         sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         sans = None
     csr = make_csr(signer, current.subject, sans)
-    client = EstClient(server, _trust(trust), label=label, cert_file=cert_file, key_file=key_file)
     _write_cert(run(_enroll, client, "simplereenroll", csr, max_wait), cert_out)
+
+
+def _same_id(first: str, second: str) -> bool:
+    return parse_hex_id(first) == parse_hex_id(second)
 
 
 @est.command("serverkeygen")
@@ -245,6 +267,7 @@ def reenroll(
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--key-out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--cert-out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@token_client_key_options
 def serverkeygen(
     server: str,
     trust: Path | None,
@@ -257,9 +280,16 @@ def serverkeygen(
     key_file: Path | None,
     key_out: Path,
     cert_out: Path,
+    hsm_module: str | None,
+    hsm_token_label: str | None,
+    hsm_current_key_id: str | None,
+    hsm_pin: str | None,
 ) -> None:
     """Have the server generate the key (only if the server allows it)."""
     password = password_file.read_text().strip() if password_file else os.environ.get(PASSWORD_ENV)
+    current_key = client_key(key_file, hsm_module, hsm_token_label, hsm_current_key_id, hsm_pin)
+    if current_key is not None and cert_file is None:
+        raise click.UsageError("--key (or --hsm-current-key-id) needs --cert")
     client = EstClient(
         server,
         _trust(trust),
@@ -267,7 +297,7 @@ def serverkeygen(
         username=username,
         password=password,
         cert_file=cert_file,
-        key_file=key_file,
+        key_file=current_key,
     )
     # The CSR only names the subject; a throwaway key signs it.
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_uuid)])

@@ -31,13 +31,12 @@ from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem
 from certfleet.pki.pkcs11_signer import parse_hex_id
 from certfleet.pki.signer import FileSigner, Signer
+from certfleet.pki.token_certificates import store_token_certificate, token_has_certificate
 
 from .common import run
 from .device_keys import (
     hsm_options,
     make_csr,
-    store_token_certificate,
-    token_has_certificate,
     token_key,
 )
 

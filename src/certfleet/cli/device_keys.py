@@ -9,12 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import pkcs11
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from pkcs11 import Attribute, ObjectClass
-from pkcs11.util.x509 import decode_x509_certificate
 
+from certfleet.agent.tls_client import TokenKey
 from certfleet.pki.errors import PkiError
 from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem
@@ -22,7 +19,6 @@ from certfleet.pki.pkcs11_signer import (
     Pkcs11Ref,
     Pkcs11Signer,
     generate_pkcs11_key,
-    open_token_session,
     parse_hex_id,
 )
 from certfleet.pki.signer import FileSigner, Signer, load_file_signer
@@ -32,7 +28,8 @@ KEY_FILE_MODE = 0o600
 
 def hsm_options(fn: click.decorators.FC) -> click.decorators.FC:
     """`--hsm-module/--hsm-token-label/--hsm-key-id/--hsm-pin` for a key kept in a token."""
-    for option in reversed(
+    return _add_options(
+        fn,
         [
             click.option(
                 "--hsm-module", metavar="PATH", help="PKCS#11 module holding the new key."
@@ -40,10 +37,54 @@ def hsm_options(fn: click.decorators.FC) -> click.decorators.FC:
             click.option("--hsm-token-label", metavar="LABEL"),
             click.option("--hsm-key-id", metavar="HEX", help="Object id of the key, in hex (01)."),
             click.option("--hsm-pin", envvar="CERTFLEET_HSM_PIN", help="Or set CERTFLEET_HSM_PIN."),
-        ]
-    ):
+        ],
+    )
+
+
+def current_token_key_option(fn: click.decorators.FC) -> click.decorators.FC:
+    """`--hsm-current-key-id`: the current key, in the --hsm-module token, authenticates TLS."""
+    return click.option(
+        "--hsm-current-key-id",
+        metavar="HEX",
+        help="Object id (hex) of the current key in the --hsm-module token; "
+        "it authenticates the request instead of --key.",
+    )(fn)
+
+
+def token_client_key_options(fn: click.decorators.FC) -> click.decorators.FC:
+    """Options naming a current key in a token, for commands whose new key is not there."""
+    return _add_options(
+        fn,
+        [
+            click.option("--hsm-module", metavar="PATH", help="PKCS#11 module with the key."),
+            click.option("--hsm-token-label", metavar="LABEL"),
+            current_token_key_option,
+            click.option("--hsm-pin", envvar="CERTFLEET_HSM_PIN", help="Or set CERTFLEET_HSM_PIN."),
+        ],
+    )
+
+
+def _add_options(fn: click.decorators.FC, options: list) -> click.decorators.FC:
+    for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def client_key(
+    key_file: Path | None,
+    module: str | None,
+    token: str | None,
+    current_key_id: str | None,
+    pin: str | None,
+) -> Path | TokenKey | None:
+    """The key that authenticates the TLS connection: a key file, or a slot of the token."""
+    if not current_key_id:
+        return key_file
+    if key_file is not None:
+        raise click.UsageError("give --key FILE or --hsm-current-key-id, not both")
+    if not (module and token):
+        raise click.UsageError("--hsm-current-key-id needs --hsm-module and --hsm-token-label")
+    return TokenKey(Pkcs11Ref(module, token, key_id=parse_hex_id(current_key_id)), pin)
 
 
 def token_key(module: str, token: str | None, key_id: str | None, pin: str | None) -> Signer:
@@ -92,37 +133,3 @@ def make_csr(
     if sans is not None:
         builder = builder.add_extension(sans, critical=False)
     return signer.sign_csr(builder)
-
-
-def token_has_certificate(module: str, token: str, cert_id: str, pin: str | None) -> bool:
-    """True if the token holds a certificate object with id `cert_id` (hex)."""
-    session = open_token_session(Pkcs11Ref(module, token), pin)
-    with session.lock:
-        return bool(_certificates(session.session, parse_hex_id(cert_id)))
-
-
-def store_token_certificate(
-    module: str, token: str, cert_id: str, pin: str | None, cert: x509.Certificate
-) -> None:
-    """Put `cert` in the token under id `cert_id`, replacing a certificate already there."""
-    raw_id = parse_hex_id(cert_id)
-    session = open_token_session(Pkcs11Ref(module, token), pin)
-    template = decode_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
-    template.update(
-        {
-            Attribute.TOKEN: True,
-            Attribute.ID: raw_id,
-            Attribute.LABEL: f"certfleet-cert-{raw_id.hex()}",
-        }
-    )
-    with session.lock:
-        old = _certificates(session.session, raw_id)
-        # Create first: a failure then leaves the old certificate in place.
-        session.session.create_object(template)
-        for obj in old:
-            obj.destroy()
-
-
-def _certificates(session: pkcs11.Session, raw_id: bytes) -> list[pkcs11.Object]:
-    query = {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: raw_id}
-    return list(session.get_objects(query))

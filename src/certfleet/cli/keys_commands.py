@@ -188,7 +188,9 @@ def ca_revoke(
         passphrase=_passphrase(root_passphrase_file),
     )
     console.print(f"device CA {result.ca.name} revoked; CRL written to {result.crl_path}")
-    console.print(f"{len(result.affected_devices)} device(s) had certificates from it")
+    console.print(f"{len(result.affected_devices)} device(s) had certificates from it:")
+    for device_uuid in result.affected_devices:
+        console.print(f"  {device_uuid}", markup=False)
 
 
 @ca.command("new-local-ca")
