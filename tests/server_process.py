@@ -13,11 +13,19 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 nobody listens on now and not handed out before here."""
+    while True:
+        # The kernel may hand the same free port out twice before anyone binds it.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
@@ -43,6 +51,10 @@ class ServerProcess:
         self.gateway_port = free_port()
         # Flags win over a config file: every test server gets its own gateway port.
         gateway = ["--listen-gateway", f"127.0.0.1:{self.gateway_port}"]
+        # The admin API too, unless the test picks its address itself.
+        self.api_port = free_port()
+        if "--listen-api" not in args:
+            gateway += ["--listen-api", f"127.0.0.1:{self.api_port}"]
         self.process = subprocess.Popen(
             [str(BIN / "certfleet"), "-v", "server", *args, *gateway],
             stdout=subprocess.PIPE,
@@ -53,6 +65,8 @@ class ServerProcess:
         )
         wait_listening(port, self.process)
         wait_listening(self.gateway_port, self.process)
+        if "--listen-api" not in args:
+            wait_listening(self.api_port, self.process)
 
     def stop(self, timeout: float = 15) -> tuple[int, str]:
         """SIGTERM, wait, and return (exit code, output)."""

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 
 from .cli_run import certfleet
 
 
 def test_quickstart_runs_and_refuses_foreign_folders(tmp_path):
     folder = tmp_path / "demo"
-    done = certfleet("quickstart", "--dir", str(folder), "--devices", "2")
+    wide = {"COLUMNS": "250"}
+    done = certfleet("quickstart", "--dir", str(folder), "--devices", "4", env=wide)
     out = done.stdout
-    assert "registered online:" in out and "registered via local-ca" in out
-    assert "decrypted with its own key: {'wifi-password': 'hunter2'}" in out
-    assert "with If-Modified-Since: 304" in out
-    assert "first request with the new certificate: 200" in out
-    assert "old certificate now: 403 device cert is on the deny-list" in out
-    assert "offline-CA device now: 403" in out and "revoked" in out
-    assert "DEVICE_PUBKEY_CHANGE 1" in out
+    assert out.count("registered online with a token:") == 2
+    assert "2 devices made in the factory with offline-CA certificates" in out
+    assert "devices known to the gateway" in out and "4/4" in out
+    assert "campaign 1: completed" in out and "'completed': 4, 'failed': 0" in out
+    assert "old certificates refused by the gateway: 4/4" in out
+    assert "new certificates accepted: 4/4" in out
+    assert "devices that had certificates from it: 2" in out
+    assert "devices still accepted with their rotated credential: 4/4" in out
+    assert "DEVICE_PUBKEY_CHANGE 4" in out and "DENYLIST_ADDED 4" in out
     assert (folder / "pki" / "crl" / "root.crl").exists()
-    again = certfleet("quickstart", "--dir", str(folder), "--devices", "2")
-    assert "DEVICE_PUBKEY_CHANGE 1" in again.stdout, "a second run starts afresh"
+    for agent in (folder / "devices").iterdir():
+        assert (agent / "secrets" / "wifi-password").read_text() == "hunter2"
+    left = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
+    assert left.stdout == "", "every agent and the server are stopped"
+    again = certfleet("quickstart", "--dir", str(folder), "--devices", "4", env=wide)
+    assert "DEVICE_PUBKEY_CHANGE 4" in again.stdout, "a second run starts afresh"
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "important.txt").write_text("keep")

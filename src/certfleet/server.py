@@ -24,10 +24,13 @@ from cryptography import x509
 from OpenSSL import SSL
 from sqlalchemy import select
 
+from certfleet.api.app import make_api_app
+from certfleet.api.settings import ApiSettings
 from certfleet.est.app import make_est_app
 from certfleet.est.policy import EstPolicy
 from certfleet.est.service import EstService
 from certfleet.events.config import EventsSettings, delivery_loop, parse_events_settings
+from certfleet.fleet.campaigns import CampaignRunner, runner_settings
 from certfleet.gateway.app import make_gateway_app
 from certfleet.gateway.policy import GatewayPolicy
 from certfleet.gateway.registration import registration_routes
@@ -59,6 +62,10 @@ class Prepared:
     policy: EstPolicy
     events: EventsSettings
     gateway_policy: GatewayPolicy
+    # The admin API; no socket when it is switched off, no context for plain HTTP.
+    api_socket: socket.socket | None = None
+    api_context: SSL.Context | ssl.SSLContext | None = None
+    api_settings: ApiSettings | None = None
 
 
 async def _check_schema(config: ServerConfig) -> list[x509.Certificate]:
@@ -127,6 +134,10 @@ def prepare(config: ServerConfig) -> Prepared:
         gateway_policy = GatewayPolicy.from_settings(config.gateway)
     except ValueError as exc:
         raise PkiError(f"[gateway] settings: {exc}") from exc
+    try:
+        runner_settings(config.campaigns)
+    except ValueError as exc:
+        raise PkiError(f"[campaigns] settings: {exc}") from exc
     return Prepared(
         _bind(config.listen_est),
         contexts[0],
@@ -136,7 +147,31 @@ def prepare(config: ServerConfig) -> Prepared:
         policy,
         events,
         gateway_policy,
+        *_prepare_api(config, pki, trusted),
     )
+
+
+def _prepare_api(
+    config: ServerConfig, pki: PkiDir, trusted: list[x509.Certificate]
+) -> tuple[socket.socket | None, SSL.Context | ssl.SSLContext | None, ApiSettings | None]:
+    """The admin API's socket, TLS context (the gateway's certificate) and settings."""
+    if not config.listen_api:
+        return None, None, None
+    try:
+        settings = ApiSettings.from_settings(config.api)
+        settings.check_listen(parse_listen(config.listen_api)[0])
+    except ValueError as exc:
+        raise PkiError(f"[api] settings: {exc}") from exc
+    context = None
+    if settings.tls:
+        context = server_context(
+            pki.cert_path(GATEWAY_TLS),
+            pki.key_path(GATEWAY_TLS),
+            trusted,
+            require_client_cert=False,
+            stack=config.tls_stack,  # type: ignore[arg-type]
+        )
+    return _bind(config.listen_api), context, settings
 
 
 async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -> None:
@@ -161,11 +196,17 @@ async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -
             await _serve(est_app, prepared.est_socket, prepared.est_context, prepared),
             await _serve(gateway_app, prepared.gateway_socket, prepared.gateway_context, prepared),
         ]
+        if prepared.api_socket is not None and prepared.api_settings is not None:
+            api_app = make_api_app(store, max_body_bytes=prepared.api_settings.max_body_bytes)
+            sites.append(await _serve(api_app, prepared.api_socket, prepared.api_context, prepared))
         log.info("worker %d serving EST and the device gateway", os.getpid())
         delivery = _delivery_task(config, prepared, store, index, stop)
+        campaigns = _campaign_task(config, store, index, stop)
         await stop.wait()
         if delivery is not None:
             await delivery
+        if campaigns is not None:
+            await campaigns
         for server, runner in sites:
             server.close()
             await server.wait_closed()
@@ -177,11 +218,14 @@ async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -
 async def _serve(
     app: web.Application,
     sock: socket.socket,
-    context: SSL.Context | ssl.SSLContext,
+    context: SSL.Context | ssl.SSLContext | None,
     prepared: Prepared,
 ) -> tuple[asyncio.AbstractServer, web.AppRunner]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    if context is None:  # the admin API on loopback, allowed without TLS
+        server = await asyncio.get_running_loop().create_server(runner.server, sock=sock)
+        return server, runner
     server = await start_tls_server(
         runner.server, None, None, context, sock=sock, ticket_keys=prepared.ticket_keys
     )
@@ -200,6 +244,18 @@ def _delivery_task(
         return None
     log.info("worker %d delivers events", os.getpid())
     return asyncio.create_task(loop.run(stop))
+
+
+def _campaign_task(
+    config: ServerConfig, store: Store, index: int, stop: asyncio.Event
+) -> asyncio.Task | None:
+    # Like delivery: worker 0 on SQLite; on PostgreSQL every worker, and an
+    # advisory lock per tick lets only one of them tick at a time.
+    settings = runner_settings(config.campaigns)
+    if not settings.enabled or (index > 0 and config.database_url.startswith("sqlite")):
+        return None
+    runner = CampaignRunner(store, tick_interval=settings.tick_interval)
+    return asyncio.create_task(runner.run(stop))
 
 
 def _spawn(config: ServerConfig, prepared: Prepared, index: int) -> int:
@@ -228,6 +284,10 @@ def serve(config: ServerConfig, announce: Any = print) -> None:
         f"https://{gw_host}:{gw_port}/ ({config.workers} worker(s), TLS stack "
         f"{config.tls_stack}, store {config.database_url.split('?')[0]})"
     )
+    if prepared.api_socket is not None:
+        api_host, api_port = prepared.api_socket.getsockname()[:2]
+        scheme = "https" if prepared.api_context is not None else "http"
+        announce(f"admin API on {scheme}://{api_host}:{api_port}/ (document at /openapi.json)")
     if config.workers == 1:
         asyncio.run(run_worker(config, prepared))
         return

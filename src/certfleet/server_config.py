@@ -27,6 +27,11 @@ class ServerConfig:
     est: dict[str, Any] = field(default_factory=dict)
     gateway: dict[str, Any] = field(default_factory=dict)
     events: dict[str, Any] = field(default_factory=dict)
+    # [campaigns]: the rotation campaign runner (certfleet.fleet.campaigns.runner_settings).
+    campaigns: dict[str, Any] = field(default_factory=dict)
+    # The admin API; "" switches it off.
+    listen_api: str = "127.0.0.1:8445"
+    api: dict[str, Any] = field(default_factory=dict)
 
     @property
     def database_url(self) -> str:
@@ -47,6 +52,10 @@ class ServerConfig:
         parse_listen(self.listen_gateway)
         if self.listen_est == self.listen_gateway:
             raise PkiError("listen_est and listen_gateway must differ")
+        if self.listen_api:
+            parse_listen(self.listen_api)
+            if self.listen_api in (self.listen_est, self.listen_gateway):
+                raise PkiError("listen_api must differ from listen_est and listen_gateway")
         if not (self.pki / "est-tls.crt").exists():
             raise PkiError(f"{self.pki} holds no factory PKI: run `certfleet keys ca create`")
 

@@ -1,1 +1,1 @@
-
+"""The admin HTTP API: a JSON API over `fleet/`, authenticated with scoped bearer tokens."""

@@ -9,6 +9,7 @@ import click
 from certfleet import __version__
 from certfleet.store.errors import StoreError
 
+from .campaign_commands import campaigns
 from .common import CertfleetGroup, register_user_errors
 from .config_commands import config
 from .db_commands import db
@@ -17,6 +18,8 @@ from .est_commands import est
 from .events_commands import events
 from .keys_commands import keys
 from .quickstart import quickstart
+from .report_commands import report
+from .rotate_certs_commands import device_config, group_rotate_certs
 from .server_command import server
 from .tokens_commands import tokens
 
@@ -40,8 +43,12 @@ cli.add_command(config)
 cli.add_command(devices)
 cli.add_command(events)
 cli.add_command(quickstart)
+cli.add_command(report)
 cli.add_command(server)
 cli.add_command(tokens)
+cli.add_command(campaigns)
+config.add_command(group_rotate_certs)
+devices.add_command(device_config)
 
 
 def main() -> None:

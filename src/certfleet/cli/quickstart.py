@@ -1,12 +1,12 @@
 """`certfleet quickstart`: the end-to-end demo behind `make demo`.
 
-It runs what is built so far with real processes on SQLite: the factory PKI,
-`certfleet server` with two workers, devices registered online and devices
-with offline-CA certificates registering on first use, encrypted group
-config, one key rotation done step by step (EST renewal, next-key
-announcement, switch, old certificate deny-listed), a breach response on the
-offline CA, and the events all of it produced. The rotating agent and
-campaigns will replace the hand-driven steps as they land.
+Everything is real and runs on SQLite in one folder: the factory PKI,
+`certfleet server` (EST, device gateway, admin API; two workers), N devices
+each run by its own `certfleet-agent run` process (half registered online,
+half made with an offline-CA certificate that registers on first use),
+encrypted group config, a rotation campaign over the whole group during which
+some agents are killed and restarted, proof that every old certificate is
+refused, a breach response on the offline CA, and the events of it all.
 """
 
 from __future__ import annotations
@@ -15,39 +15,30 @@ import asyncio
 import collections
 import json
 import shutil
-import uuid
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.rule import Rule
 
-from certfleet.fleet import pki_admin
-from certfleet.pki.authority import issue_device_certificate
+from certfleet.fleet import campaigns as fleet_campaigns
+from certfleet.fleet import config_admin, pki_admin
 from certfleet.pki.errors import PkiError
-from certfleet.pki.files import write_atomic
 from certfleet.pki.hierarchy import ServerNames
-from certfleet.pki.keys import generate_private_key, private_key_pem
 from certfleet.pki.pki_dir import PkiDir
 
 from .common import console
 from .keys_commands import show_cas
-from .quickstart_flow import (
-    Device,
-    Server,
-    command,
-    decrypt_config,
-    gateway_call,
-    register,
-    rotate_by_hand,
-    start_server,
-)
+from .quickstart_fleet import Agent, manufacture, write_agent_settings
+from .quickstart_flow import Device, Server, command, gateway_call, register, start_server
 
 MARKER = ".certfleet-demo"
 FACTORY = "demo"
 GROUP = "lab"
+KILLED = 3
+CAMPAIGN_TIMEOUT_S = 600
 
 
 def _fresh_dir(folder: Path) -> None:
@@ -59,121 +50,202 @@ def _fresh_dir(folder: Path) -> None:
     (folder / MARKER).write_text("made by certfleet quickstart; safe to delete\n")
 
 
-def _offline_device(pki: PkiDir, folder: Path) -> Device:
-    """A device made in manufacturing: key and certificate from the offline CA."""
-    device_uuid = str(uuid.uuid4())
-    key = generate_private_key()
-    folder.mkdir(parents=True, mode=0o700)
-    write_atomic(folder / "pkey.pem", private_key_pem(key), 0o600)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, device_uuid),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, FACTORY),
-        ]
-    )
-    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-    cert = issue_device_certificate(
-        csr, pki.read_cert("local-ca-1"), pki.load_signer("file:local-ca-1.key"), FACTORY
-    )
-    write_atomic(folder / "client.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return Device(device_uuid, folder)
-
-
 def _say(text: str) -> None:
-    console.print(f"  {text}", highlight=False)
+    console.print(f"  {text}", highlight=False, markup=False)
 
 
-def _devices(server: Server, pki_path: Path, db_url: str, folder: Path, count: int) -> list[Device]:
+def _cli(pki: Path, db_url: str, *args: str) -> str:
+    return command("certfleet", *args, "--pki", str(pki), "--database", db_url)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("  {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _wait_for(what: str, total: int, count: Callable[[], int], timeout: float = 120) -> None:
+    """A progress bar until `count()` reaches `total`; PkiError on timeout."""
+    deadline = time.monotonic() + timeout
+    with _progress() as bar:
+        task = bar.add_task(what, total=total)
+        while (done := count()) < total:
+            bar.update(task, completed=done)
+            if time.monotonic() > deadline:
+                raise PkiError(f"{what}: only {done} of {total} after {timeout:.0f} s")
+            time.sleep(0.5)
+        bar.update(task, completed=total)
+
+
+def _online(server: Server, pki: Path, db_url: str, folder: Path, count: int) -> list[Agent]:
     token = json.loads(
-        command(
-            "certfleet",
-            "tokens",
-            "create",
-            "--name",
-            "quickstart",
-            "--scope",
-            "register",
-            "--expires-in",
-            "1h",
-            "--pki",
-            str(pki_path),
-            "--database",
-            db_url,
-            "--json",
+        _cli(pki, db_url, "tokens", "create", "--name", "quickstart", "--scope", "register",
+             "--expires-in", "1h", "--json")
+    )["token"]  # fmt: skip
+    agents = []
+    for n in range(count):
+        device = register(server, pki, token, folder / f"online-{n}", GROUP)
+        agents.append(Agent(device.uuid, device.folder))
+        _say(f"registered online with a token: {device.uuid} (group {GROUP})")
+    return agents
+
+
+def _devices(
+    server: Server, pki: Path, db_url: str, folder: Path, count: int, agents: list[Agent]
+) -> None:
+    """Make `count` devices and start their agents; `agents` gets each as it starts."""
+    online = _online(server, pki, db_url, folder, count - count // 2)
+    made = [
+        manufacture(PkiDir(pki), folder / f"offline-{n}", server, FACTORY)
+        for n in range(count // 2)
+    ]
+    _say(f"{len(made)} devices made in the factory with offline-CA certificates (local-ca-1)")
+    est = f"https://127.0.0.1:{server.est_port}"
+    for agent in online + made:
+        write_agent_settings(agent, est)
+        agent.start()
+        agents.append(agent)
+    _say(f"{len(agents)} agents started (certfleet-agent run, polling every 2 s)")
+    _wait_for("devices known to the gateway", count, lambda: _known(pki, db_url))
+    for agent in made:
+        asyncio.run(
+            config_admin.move_to_group(
+                db_url, agent.uuid, GROUP, reason="quickstart: factory-made devices", actor="cli"
+            )
         )
-    )["token"]
-    online = [
-        register(server, pki_path, token, folder / f"online-{n}", GROUP)
-        for n in range(count - count // 2)
-    ]
-    for device in online:
-        _say(f"registered online: {device.uuid} (group {GROUP})")
-    offline = [
-        _offline_device(PkiDir(pki_path), folder / f"offline-{n}") for n in range(count // 2)
-    ]
-    for device in offline:
-        status, _, body = gateway_call(server, pki_path, device, "GET", "/device")
-        via = json.loads(body).get("registered_via") if status == 200 else body.decode()
-        _say(f"offline-CA device {device.uuid}: first request {status}, registered via {via}")
-    return online + offline
+    _say(f"the factory-made devices registered on first contact; moved to group {GROUP}")
 
 
-def _config(server: Server, pki_path: Path, db_url: str, device: Device) -> None:
-    command(
-        "certfleet",
-        "config",
-        "set",
-        "--group",
-        GROUP,
-        "wifi-password=hunter2",
-        "--reason",
-        "quickstart",
-        "--pki",
-        str(pki_path),
-        "--database",
-        db_url,
+def _known(pki: Path, db_url: str) -> int:
+    return len(json.loads(_cli(pki, db_url, "devices", "list", "--local", "--json")))
+
+
+def _config(pki: Path, db_url: str, agents: list[Agent]) -> None:
+    _cli(pki, db_url, "config", "set", "--group", GROUP, "wifi-password=hunter2",
+         "--reason", "quickstart")  # fmt: skip
+    _say(f"config set for group {GROUP}: wifi-password, encrypted to each device's own key")
+
+    def applied() -> int:
+        files = [a.folder / "secrets" / "wifi-password" for a in agents]
+        return sum(f.exists() and f.read_text() == "hunter2" for f in files)
+
+    _wait_for("devices that decrypted and applied it", len(agents), applied)
+
+
+def _campaign(server: Server, pki: Path, db_url: str, agents: list[Agent]) -> dict:
+    made = json.loads(
+        _cli(pki, db_url, "campaigns", "create", "--group", GROUP,
+             "--reason", "quickstart: yearly key rotation",
+             "--est-server", f"https://127.0.0.1:{server.est_port}",
+             "--canary-share", "0.1", "--rate", "600/min", "--canary-deadline", "5m",
+             "--device-deadline", "5m", "--json")
+    )  # fmt: skip
+    campaign_id = made["campaign"]["id"]
+    _say(f"campaign {campaign_id}: canaries first, then waves of at most 600 devices/minute")
+    return _watch(db_url, campaign_id, agents)
+
+
+def _watch(db_url: str, campaign_id: int, agents: list[Agent]) -> dict:
+    by_uuid = {a.uuid: a for a in agents}
+    killed = False
+    deadline = time.monotonic() + CAMPAIGN_TIMEOUT_S
+    with _progress() as bar:
+        task = bar.add_task("devices rotated", total=len(agents))
+        while True:
+            view = asyncio.run(
+                fleet_campaigns.show_campaign(db_url, campaign_id, devices=len(agents))
+            )
+            bar.update(task, completed=view.counts.get("completed", 0))
+            if view.status != "running" or time.monotonic() > deadline:
+                break
+            killed = killed or _kill_some(view.devices, by_uuid, bar)
+            time.sleep(1)
+    return view.as_dict()
+
+
+def _kill_some(devices: list[dict], by_uuid: dict[str, Agent], bar: Progress) -> bool:
+    """SIGKILL a few agents whose rotation is under way, then start them again."""
+    busy = [d["device"] for d in devices if d["state"] in ("triggered", "in_progress")]
+    if len(busy) < KILLED:
+        return False
+    victims = [by_uuid[u] for u in busy[-KILLED:]]
+    for agent in victims:
+        agent.kill()
+    bar.console.print(
+        f"  killed {len(victims)} agents mid-rotation with SIGKILL; restarting them", markup=False
     )
-    status, headers, body = gateway_call(server, pki_path, device, "GET", "/config")
-    _say(
-        f"device fetches /config: {status}, decrypted with its own key: "
-        f"{decrypt_config(device, body)}"
-    )
-    again = gateway_call(server, pki_path, device, "GET", "/config", None)
-    _say(
-        f"plain re-fetch {again[0]}; with If-Modified-Since: "
-        f"{_if_modified(server, pki_path, device, headers.get('Last-Modified', ''))}"
-    )
+    time.sleep(1)
+    for agent in victims:
+        agent.start()
+    return True
 
 
-def _if_modified(server: Server, pki_path: Path, device: Device, since: str) -> int:
-    import http.client
-    import ssl
-
-    context = ssl.create_default_context(cafile=str(pki_path / "root.crt"))
-    context.load_cert_chain(*device.files())
-    conn = http.client.HTTPSConnection("127.0.0.1", server.gateway_port, context=context)
-    try:
-        conn.request("GET", "/config", headers={"If-Modified-Since": since})
-        return conn.getresponse().status
-    finally:
-        conn.close()
+def _old_refused(server: Server, pki: Path, agents: list[Agent], old: dict[str, Path]) -> int:
+    refused = 0
+    for agent in agents:
+        status, _, _ = gateway_call(
+            server, pki, _as_device(agent), "GET", "/device",
+            cert=str(old[agent.uuid] / "client.pem"), key=str(old[agent.uuid] / "pkey.pem"),
+        )  # fmt: skip
+        refused += status in (401, 403)
+    return refused
 
 
-def _events(pki_path: Path, db_url: str) -> str:
-    out = command(
-        "certfleet",
-        "events",
-        "tail",
-        "--json",
-        "-n",
-        "1000",
-        "--pki",
-        str(pki_path),
-        "--database",
-        db_url,
-    )
+def _new_accepted(server: Server, pki: Path, agents: list[Agent]) -> int:
+    accepted = 0
+    for agent in agents:
+        cert_name = _sota_value(agent, "tls_clientcert_path")
+        key_name = _sota_value(agent, "tls_pkey_path")
+        status, _, _ = gateway_call(
+            server, pki, _as_device(agent), "GET", "/device", cert=cert_name, key=key_name
+        )
+        accepted += status == 200
+    return accepted
+
+
+def _sota_value(agent: Agent, name: str) -> str:
+    for line in (agent.folder / "sota.toml").read_text().splitlines():
+        if line.startswith(name):
+            return line.split('"')[1]
+    raise PkiError(f"{agent.folder / 'sota.toml'} has no {name}")
+
+
+def _as_device(agent: Agent) -> Device:
+    return Device(agent.uuid, agent.folder)
+
+
+def _keep_old(agents: list[Agent]) -> dict[str, Path]:
+    """Copy each device's current credential aside, to prove later that it is refused."""
+    kept = {}
+    for agent in agents:
+        folder = agent.folder / "before-rotation"
+        folder.mkdir(mode=0o700)
+        shutil.copy2(
+            agent.folder / _sota_value(agent, "tls_clientcert_path"), folder / "client.pem"
+        )
+        shutil.copy2(agent.folder / _sota_value(agent, "tls_pkey_path"), folder / "pkey.pem")
+        kept[agent.uuid] = folder
+    return kept
+
+
+def _events(pki: Path, db_url: str) -> str:
+    out = _cli(pki, db_url, "events", "tail", "--json", "-n", "10000")
     topics = collections.Counter(json.loads(line)["topic"] for line in out.splitlines() if line)
     return ", ".join(f"{topic} {count}" for topic, count in sorted(topics.items()))
+
+
+def _breach(server: Server, pki: Path, db_url: str, agents: list[Agent]) -> None:
+    revoked = asyncio.run(pki_admin.revoke_device_ca(db_url, pki, "local-ca-1"))
+    _say(f"{revoked.ca.name} revoked; CRL {revoked.crl_path}")
+    _say(
+        f"devices that had certificates from it: {len(revoked.affected_devices)}; "
+        f"devices still accepted with their rotated credential: "
+        f"{_new_accepted(server, pki, agents)}/{len(agents)}"
+    )
 
 
 @click.command("quickstart")
@@ -187,47 +259,54 @@ def _events(pki_path: Path, db_url: str) -> str:
 )
 @click.option(
     "--devices",
-    default=4,
+    default=20,
     show_default=True,
-    type=click.IntRange(2, 50),
-    help="How many devices (half online, half from the offline CA).",
+    type=click.IntRange(4, 100),
+    help="How many devices (half online, half from the offline CA), each with its own agent.",
 )
 def quickstart(folder: Path, devices: int) -> None:
     """Run the end-to-end demo on SQLite in a local folder."""
     _fresh_dir(folder)
-    pki_path, db_url = folder / "pki", f"sqlite:///{(folder / 'certfleet.db').resolve()}"
+    pki, db_url = folder / "pki", f"sqlite:///{(folder / 'certfleet.db').resolve()}"
     console.print(Rule("1. factory PKI (file keys, SQLite store)"))
     names = ServerNames(gateway_dns=["localhost"], gateway_ip=["127.0.0.1"])
     show_cas(
-        asyncio.run(pki_admin.create_factory(db_url, pki_path, FACTORY, names)),
+        asyncio.run(pki_admin.create_factory(db_url, pki, FACTORY, names)),
         False,
-        title=f"factory {FACTORY!r} in {pki_path}",
+        title=f"factory {FACTORY!r} in {pki}",
     )
-    console.print(Rule("2. certfleet server: EST and device gateway, 2 workers"))
-    server = start_server(pki_path, db_url, folder / "server.log")
+    console.print(Rule("2. certfleet server: EST, device gateway, admin API; 2 workers"))
+    server = start_server(pki, db_url, folder / "server.log")
+    agents: list[Agent] = []
     try:
         _say(
             f"EST https://127.0.0.1:{server.est_port}  gateway "
-            f"https://127.0.0.1:{server.gateway_port}  log {folder / 'server.log'}"
+            f"https://127.0.0.1:{server.gateway_port}  admin API "
+            f"https://127.0.0.1:{server.api_port}  log {folder / 'server.log'}"
         )
-        console.print(Rule("3. devices: online registration and offline-CA first use"))
-        fleet = _devices(server, pki_path, db_url, folder / "devices", devices)
+        console.print(Rule(f"3. {devices} devices, each with its own agent process"))
+        _devices(server, pki, db_url, folder / "devices", devices, agents)
         console.print(Rule("4. encrypted group config"))
-        _config(server, pki_path, db_url, fleet[0])
-        console.print(Rule("5. one key rotation, step by step"))
-        for line in rotate_by_hand(server, pki_path, fleet[0]):
-            _say(line)
-        console.print(Rule("6. breach response: revoke the offline CA"))
-        revoked = asyncio.run(pki_admin.revoke_device_ca(db_url, pki_path, "local-ca-1"))
-        _say(
-            f"{revoked.ca.name} revoked ({len(revoked.affected_devices)} devices); "
-            f"CRL {revoked.crl_path}"
-        )
-        status, _, body = gateway_call(server, pki_path, fleet[-1], "GET", "/device")
-        _say(f"offline-CA device now: {status} {body.decode().strip()}")
+        _config(pki, db_url, agents)
+        console.print(Rule("5. rotation campaign over the group"))
+        old = _keep_old(agents)
+        view = _campaign(server, pki, db_url, agents)
         console.print(Rule("summary"))
-        _say(f"events: {_events(pki_path, db_url)}")
+        _say(f"campaign {view['id']}: {view['status']}, devices per state: {view['counts']}")
+        time.sleep(1.5)  # the deny-list reaches every worker within a second
+        _say(f"old certificates refused by the gateway: {_old_refused(server, pki, agents, old)}"
+             f"/{len(agents)}")  # fmt: skip
+        _say(f"new certificates accepted: {_new_accepted(server, pki, agents)}/{len(agents)}")
+        console.print(Rule("6. breach response: revoke the offline CA nobody depends on now"))
+        _breach(server, pki, db_url, agents)
+        _say(f"events: {_events(pki, db_url)}")
     finally:
+        for agent in agents:
+            agent.stop()
         server.stop()
     _say(f"data: {folder.resolve()}   store: {db_url}")
-    _say("next in this demo: the rotating agent and campaigns (see README.md, Status)")
+    _say(
+        f"serve it again: certfleet server --pki {pki}  (admin API on 127.0.0.1:8445; "
+        "make a token with: certfleet tokens create --name me --scope read --pki "
+        f"{pki})"
+    )

@@ -58,6 +58,7 @@ class Server:
     process: subprocess.Popen
     est_port: int
     gateway_port: int
+    api_port: int
 
     def stop(self) -> None:
         """SIGTERM and wait."""
@@ -67,8 +68,11 @@ class Server:
 
 
 def start_server(pki: Path, database: str, log: Path) -> Server:
-    """Start `certfleet server` and wait until both listeners accept connections."""
-    est, gateway = free_port(), free_port()
+    """Start `certfleet server` and wait until its three listeners accept connections."""
+    est, gateway, api = free_port(), free_port(), free_port()
+    settings = log.with_name("server.toml")
+    # A short campaign tick keeps the demo brisk; production keeps the default.
+    settings.write_text("[campaigns]\ntick_interval = 1.0\n")
     process = subprocess.Popen(
         [
             str(BIN / "certfleet"),
@@ -82,6 +86,10 @@ def start_server(pki: Path, database: str, log: Path) -> Server:
             f"127.0.0.1:{est}",
             "--listen-gateway",
             f"127.0.0.1:{gateway}",
+            "--listen-api",
+            f"127.0.0.1:{api}",
+            "--config",
+            str(settings),
             "--workers",
             "2",
         ],
@@ -89,7 +97,7 @@ def start_server(pki: Path, database: str, log: Path) -> Server:
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
-    for port in (est, gateway):
+    for port in (est, gateway, api):
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise PkiError(f"the server did not start; see {log}")
@@ -98,7 +106,7 @@ def start_server(pki: Path, database: str, log: Path) -> Server:
                 break
             except OSError:
                 time.sleep(0.1)
-    return Server(process, est, gateway)
+    return Server(process, est, gateway, api)
 
 
 @dataclass

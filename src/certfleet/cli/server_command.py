@@ -29,6 +29,17 @@ from .common import console
     metavar="URL",
     help="Gateway URL devices are given (default https://<listen-gateway>).",
 )
+@click.option(
+    "--listen-api",
+    metavar="HOST:PORT",
+    help="Admin API (default 127.0.0.1:8445; 'off' for none).",
+)
+@click.option(
+    "--api-plain-http",
+    is_flag=True,
+    default=None,
+    help="Serve the admin API without TLS (loopback addresses only).",
+)
 @click.option("--workers", type=int, help="Processes sharing the sockets (default 1).")
 @click.option(
     "--tls-stack",
@@ -42,10 +53,12 @@ def server(
     listen_est: str | None,
     listen_gateway: str | None,
     gateway_url: str | None,
+    listen_api: str | None,
+    api_plain_http: bool | None,
     workers: int | None,
     tls_stack: str | None,
 ) -> None:
-    """Serve EST and the device gateway on mutual TLS until Ctrl-C or SIGTERM."""
+    """Serve EST, the device gateway (mutual TLS) and the admin API until Ctrl-C or SIGTERM."""
     # Imported here so that `certfleet --help` stays fast.
     from certfleet.server import serve
     from certfleet.server_config import load_config
@@ -58,8 +71,11 @@ def server(
             "listen_est": listen_est,
             "listen_gateway": listen_gateway,
             "gateway_url": gateway_url,
+            "listen_api": "" if listen_api == "off" else listen_api,
             "workers": workers,
             "tls_stack": tls_stack,
         },
     )
+    if api_plain_http:
+        config.api = {**config.api, "tls": False}
     serve(config, announce=lambda line: console.print(line, highlight=False))

@@ -176,6 +176,42 @@ async def config_log(
         return [ConfigChange.of(row) for row in rows]
 
 
+async def move_to_group(
+    db_url: str, device: str, group: str | None, *, reason: str, actor: str
+) -> ConfigChange | None:
+    """Put a device in `group` (None or '': in none); None if it was there already.
+
+    The move counts as a change of the device's config (see
+    store.config_files.move_to_group), so the device fetches its new group's
+    files at its next check-in.
+    """
+    if not reason.strip():
+        raise StoreError("give a --reason: it is kept in the config log")
+    group = group.strip() if group else None
+    if group is not None and len(group) > 128:
+        raise StoreError("a group name has at most 128 characters")
+    async with _store(db_url) as store, store.transaction() as session:
+        row = await _device(session, device, lock=True)
+        before = row.group_name
+        entry = await config_files.move_to_group(
+            session,
+            row,
+            group,
+            changed_by=actor,
+            reason=f"moved from group {before or '-'} to {group or '-'}: {reason}",
+        )
+        if entry is None:
+            return None
+        await audit.append_audit(
+            session,
+            actor=actor,
+            action="device.group",
+            target=row.uuid,
+            details={"from": before, "to": group, "reason": reason},
+        )
+        return ConfigChange.of(entry)
+
+
 def _check_files(files: Mapping[str, ConfigValue]) -> None:
     if not files:
         raise StoreError("give at least one NAME=VALUE")
@@ -245,3 +281,42 @@ async def _factory_by_id(session: AsyncSession, factory_id: int) -> Factory:
         if row.id == factory_id:
             return row
     raise StoreError(f"no factory with id {factory_id}")
+
+
+async def set_device_files(
+    session: AsyncSession,
+    device_uuid: str,
+    files: Mapping[str, ConfigValue],
+    *,
+    reason: str,
+    actor: str,
+) -> ConfigSet:
+    """`set_config` for one device inside the caller's transaction (campaigns trigger many).
+
+    Refuses with ConfigLockedError while the device rotates its key, like set_config.
+    """
+    _check_files(files)
+    device = await _device(session, device_uuid, lock=True)
+    row = await _factory_by_id(session, device.factory_id)
+    stored, encrypted_to = await _for_device(session, device, files)
+    await config_files.put_config_files(
+        session, row.id, ConfigScope.DEVICE, device.uuid, stored, changed_by=actor, reason=reason
+    )
+    payload = {
+        "scope": str(ConfigScope.DEVICE),
+        "key": device.uuid,
+        "files": sorted(files),
+        "reason": reason,
+        "time": names.rfc3339(dt.datetime.now(dt.UTC)),
+    }
+    await outbox.append_event(
+        session, names.DEVICE_CONFIG_CHANGED, payload, device_uuid=device.uuid
+    )
+    await audit.append_audit(
+        session,
+        actor=actor,
+        action="config.set",
+        target=f"{ConfigScope.DEVICE}:{device.uuid}",
+        details={"files": sorted(files), "reason": reason},
+    )
+    return ConfigSet(row.name, str(ConfigScope.DEVICE), device.uuid, sorted(files), encrypted_to)

@@ -1,0 +1,232 @@
+"""Routes over devices, their updates, the expiry report and the CAs; thin over `fleet/`."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from certfleet.fleet import ca_views, device_views, expiry_report
+
+from . import params, schemas
+from .auth import READ, ROTATE
+from .endpoints import Endpoint, Param
+from .keys import CALLER, STORE
+
+_dumps = partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    """GET /v1/devices: one page of devices."""
+    query = params.query(request, LIST_PARAMS)
+    within = query.get("expiring_within")
+    page = await device_views.list_devices(
+        request.app[STORE],
+        group=query.get("group"),
+        status=query.get("status"),
+        expiring_within=params.parse_duration("expiring_within", within) if within else None,
+        limit=_limit(query),
+        cursor=query.get("cursor"),
+    )
+    return _json(page.as_dict())
+
+
+async def show_device(request: web.Request) -> web.Response:
+    """GET /v1/devices/{uuid}."""
+    params.query(request, ())
+    return _json(await device_views.show_device(request.app[STORE], request.match_info["uuid"]))
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    """DELETE /v1/devices/{uuid}?reason=...: soft delete, deny-listing its certificates."""
+    query = params.query(request, ("reason",))
+    deleted = await device_views.delete_device(
+        request.app[STORE],
+        request.match_info["uuid"],
+        actor=request[CALLER].actor,
+        reason=query.get("reason", "deleted through the admin API"),
+    )
+    return _json(deleted)
+
+
+async def deny_device(request: web.Request) -> web.Response:
+    """POST /v1/devices/{uuid}/deny {"reason": ...}."""
+    params.query(request, ())
+    body = await params.json_object(request, {"reason": str})
+    denied = await device_views.deny_device(
+        request.app[STORE],
+        request.match_info["uuid"],
+        actor=request[CALLER].actor,
+        reason=body["reason"],
+    )
+    return _json([entry.as_dict() for entry in denied])
+
+
+async def list_updates(request: web.Request) -> web.Response:
+    """GET /v1/devices/{uuid}/updates: one page of a device's updates."""
+    query = params.query(request, ("limit", "cursor"))
+    page = await device_views.list_updates(
+        request.app[STORE],
+        request.match_info["uuid"],
+        limit=_limit(query),
+        cursor=query.get("cursor"),
+    )
+    return _json(page.as_dict())
+
+
+def _limit(query: dict[str, str]) -> int:
+    return params.integer(
+        "limit", query.get("limit"), device_views.DEFAULT_PAGE, 1, device_views.MAX_PAGE
+    )
+
+
+async def update_timeline(request: web.Request) -> web.Response:
+    """GET /v1/devices/{uuid}/updates/{correlation_id}."""
+    params.query(request, ())
+    info = request.match_info
+    found = await device_views.update_timeline(
+        request.app[STORE], info["uuid"], info["correlation_id"]
+    )
+    return _json(found)
+
+
+async def expiry(request: web.Request) -> web.Response:
+    """GET /v1/reports/expiry."""
+    query = params.query(request, ("not_seen", "renewal_window"))
+    report = await expiry_report.expiry_report(
+        request.app[STORE],
+        not_seen=_duration(query, "not_seen", expiry_report.DEFAULT_NOT_SEEN),
+        renewal_window=_duration(query, "renewal_window", expiry_report.DEFAULT_RENEWAL_WINDOW),
+    )
+    return _json(report)
+
+
+def _duration(query: dict[str, str], name: str, default: Any) -> Any:
+    return params.parse_duration(name, query[name]) if name in query else default
+
+
+async def list_cas(request: web.Request) -> web.Response:
+    """GET /v1/cas."""
+    params.query(request, ())
+    return _json({"items": await ca_views.list_all_cas(request.app[STORE]), "next": None})
+
+
+_STATUS = {"type": "string", "enum": list(device_views.STATUSES)}
+_DURATION = {"type": "string", "pattern": "^[0-9]+[smhdw]$", "examples": ["30d"]}
+LIST_PARAMS = ("group", "status", "expiring_within", "limit", "cursor")
+_PAGING = (
+    Param(
+        "limit",
+        f"Page size, 1 to {device_views.MAX_PAGE} (default {device_views.DEFAULT_PAGE})",
+        {"type": "integer", "minimum": 1, "maximum": device_views.MAX_PAGE},
+    ),
+    Param("cursor", "The 'next' value of the previous page"),
+)
+
+
+def device_endpoints() -> list[Endpoint]:
+    """Every device, report and CA route."""
+    uuid = "/v1/devices/{uuid}"
+    return [
+        Endpoint(
+            "GET",
+            "/v1/devices",
+            list_devices,
+            READ,
+            "List devices (not deleted unless status=deleted), in uuid order, one page at a time",
+            schemas.page("DeviceSummary"),
+            query=(
+                Param("group", "Only devices of this group"),
+                Param("status", "Only devices in this status", _STATUS),
+                Param(
+                    "expiring_within",
+                    "Only devices whose current certificate expires between now and now + this",
+                    _DURATION,
+                ),
+                *_PAGING,
+            ),
+        ),
+        Endpoint(
+            "GET",
+            uuid,
+            show_device,
+            READ,
+            "One device (deleted ones too)",
+            schemas.ref("DeviceDetail"),
+            errors=(400, 404),
+        ),
+        Endpoint(
+            "DELETE",
+            uuid,
+            delete_device,
+            ROTATE,
+            "Delete a device: it is refused from now on and its active certificates are "
+            "deny-listed; its history stays",
+            schemas.ref("DeviceDeleted"),
+            query=(Param("reason", "Why; kept with the deny-list entries and the audit log"),),
+            errors=(400, 404, 409),
+        ),
+        Endpoint(
+            "POST",
+            f"{uuid}/deny",
+            deny_device,
+            ROTATE,
+            "Deny-list every active certificate of a device",
+            {"type": "array", "items": schemas.ref("Denied")},
+            body=schemas.ref("DenyRequest"),
+            errors=(400, 404, 409, 413),
+        ),
+        Endpoint(
+            "GET",
+            f"{uuid}/updates",
+            list_updates,
+            READ,
+            "A device's updates, newest first (rotations are certs-<unix time>)",
+            schemas.page("UpdateSummary"),
+            query=_PAGING,
+            errors=(400, 404),
+        ),
+        Endpoint(
+            "GET",
+            f"{uuid}/updates/{{correlation_id}}",
+            update_timeline,
+            READ,
+            "One update of a device with its events in the order received",
+            schemas.ref("UpdateTimeline"),
+            errors=(400, 404),
+        ),
+        Endpoint(
+            "GET",
+            "/v1/reports/expiry",
+            expiry,
+            READ,
+            "Certificates expiring per bucket, devices that will miss their renewal, "
+            "CAs that expire before certificates they signed",
+            schemas.ref("ExpiryReport"),
+            query=(
+                Param(
+                    "not_seen", "A device not seen for this long is stale (default 30d)", _DURATION
+                ),
+                Param(
+                    "renewal_window",
+                    "A stale device whose certificate expires within this misses its "
+                    "renewal (default 30d)",
+                    _DURATION,
+                ),
+            ),
+        ),
+        Endpoint(
+            "GET",
+            "/v1/cas",
+            list_cas,
+            READ,
+            "Every CA and server certificate of the store",
+            schemas.page("Ca"),
+        ),
+    ]

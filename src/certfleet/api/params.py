@@ -1,0 +1,70 @@
+"""Query-string and body parsing with one-line reasons for every refusal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from .errors import bad_request
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d{1,6})([smhdw])")
+
+
+def parse_duration(name: str, text: str) -> dt.timedelta:
+    """'90s', '30m', '12h', '30d' or '2w'."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise bad_request(f"{name}={text!r} is not a positive duration like 12h, 30d or 2w")
+    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
+    """The query parameters, refusing unknown and repeated ones."""
+    allowed = tuple(allowed)
+    seen: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key not in allowed:
+            takes = ", ".join(allowed) or "no parameters"
+            raise bad_request(f"unknown query parameter {key!r}; this endpoint takes: {takes}")
+        if key in seen:
+            raise bad_request(f"query parameter {key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
+def integer(name: str, text: str | None, default: int, low: int, high: int) -> int:
+    """An integer parameter within [low, high]."""
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise bad_request(f"{name}={text!r} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+async def json_object(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
+    """The body as a JSON object with only ``fields`` (all required, of the given types)."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_request(f"the body must be JSON like {_example(fields)}") from exc
+    if not isinstance(body, dict):
+        raise bad_request(f"the body must be a JSON object like {_example(fields)}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        takes = _example(fields)
+        raise bad_request(f"unknown field(s) {', '.join(unknown)}; the body takes {takes}")
+    for name, kind in fields.items():
+        if not isinstance(body.get(name), kind):
+            raise bad_request(f"field {name!r} is missing or not a {kind.__name__}")
+    return body
+
+
+def _example(fields: dict[str, type]) -> str:
+    return json.dumps({name: "..." for name in fields})

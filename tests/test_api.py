@@ -1,0 +1,328 @@
+"""The admin API of a real `certfleet server` (2 workers) over loopback TLS, on SQLite and
+PostgreSQL: tokens and scopes, refusals that change nothing, pagination, the OpenAPI document."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import subprocess
+import uuid
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from openapi_spec_validator import validate
+from sqlalchemy import select, update
+
+from certfleet.api import auth
+from certfleet.api.app import make_api_app
+from certfleet.api.openapi import build_document
+from certfleet.fleet import tokens_admin
+from certfleet.fleet.device_views import encode_cursor
+from certfleet.store import updates
+from certfleet.store.schema import ApiToken, AuditEntry, DenylistEntry, Device, utcnow
+
+from .api_fixtures import ApiEnv, add_device, api_env  # noqa: F401
+from .cli_run import BIN, certfleet
+from .server_process import free_port
+
+NOW = utcnow()
+LIVE = 23
+
+
+async def _seed(env: ApiEnv) -> tuple[list[str], str]:
+    """LIVE devices (some in group 'kiosk', some expiring soon) and one deleted device."""
+    live = []
+    for i in range(LIVE):
+        days = 10 if i % 3 == 0 else 200
+        group = "kiosk" if i % 4 == 0 else "lab"
+        live.append(
+            await add_device(env.store, not_after=NOW + dt.timedelta(days=days), group=group)
+        )
+    deleted = await add_device(env.store, not_after=NOW + dt.timedelta(days=10), deleted=True)
+    return live, deleted
+
+
+def _walk(env: ApiEnv, query: str, limit: int) -> tuple[list[str], int]:
+    """Every uuid of a listing, page by page; and the number of pages."""
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        suffix = f"&cursor={cursor}" if cursor else ""
+        answer = env.call("GET", f"/v1/devices?limit={limit}{query}{suffix}", scope="read")
+        assert answer.status == 200, answer.body
+        page = answer.json()
+        pages += 1
+        assert len(page["items"]) <= limit
+        seen += [item["uuid"] for item in page["items"]]
+        cursor = page["next"]
+        if cursor is None:
+            return seen, pages
+
+
+async def _updates_walk(env: ApiEnv, device: str) -> None:
+    """Seven updates of a device come back newest first, three to a page."""
+    async with env.store.transaction() as session:
+        for n in range(7):
+            await updates.start_update(
+                session, device, f"certs-{1795471560 + n}", kind="cert-rotation"
+            )
+    seen: list[str] = []
+    cursor = ""
+    while cursor is not None:
+        answer = env.call("GET", f"/v1/devices/{device}/updates?limit=3{cursor}", scope="read")
+        assert answer.status == 200, answer.body
+        page = answer.json()
+        seen += [item["correlation_id"] for item in page["items"]]
+        cursor = f"&cursor={page['next']}" if page["next"] else None
+    assert seen == [f"certs-{1795471560 + n}" for n in reversed(range(7))]
+
+
+async def test_scopes_pages_and_workers(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    live, deleted = await _seed(env)
+    env.start("--workers", "2")
+
+    for scope in ("read", "rotate", "pki-admin"):
+        answer = env.call("GET", "/v1/devices?limit=1", scope=scope)
+        assert answer.status == 200 and len(answer.json()["items"]) == 1
+
+    seen, pages = _walk(env, "", 5)
+    assert seen == sorted(live) and len(set(seen)) == LIVE and pages == 5
+    kiosk, _ = _walk(env, "&group=kiosk", 2)
+    assert kiosk == sorted(u for i, u in enumerate(live) if i % 4 == 0)
+    soon, _ = _walk(env, "&expiring_within=30d&status=active", 3)
+    assert soon == sorted(u for i, u in enumerate(live) if i % 3 == 0)
+    gone, _ = _walk(env, "&status=deleted", 10)
+    assert gone == [deleted]
+    await _updates_walk(env, live[2])
+
+    workers = {
+        env.call("GET", "/v1/cas", scope="read").headers["X-Certfleet-Worker"] for _ in range(60)
+    }
+    assert len(workers) == 2, "both workers serve the API"
+
+    before = await env.snapshot()
+    assert env.call("DELETE", f"/v1/devices/{live[0]}", scope="read").status == 403
+    assert (
+        env.call(
+            "POST", f"/v1/devices/{live[0]}/deny", scope="register", body={"reason": "x"}
+        ).status
+        == 403
+    )
+    assert await env.snapshot() == before
+
+    answer = env.call(
+        "POST", f"/v1/devices/{live[0]}/deny", scope="rotate", body={"reason": "lost"}
+    )
+    assert answer.status == 200 and [e["device"] for e in answer.json()] == [live[0]]
+    answer = env.call("DELETE", f"/v1/devices/{live[1]}?reason=scrapped", scope="pki-admin")
+    assert answer.status == 200 and answer.json()["uuid"] == live[1]
+    async with env.store.transaction() as session:
+        actors = {
+            (row.action, row.actor)
+            for row in await session.scalars(
+                select(AuditEntry).where(AuditEntry.target.in_(live[:2]))
+            )
+        }
+        assert ("denylist.add", "api:token:2:test-rotate") in actors
+        assert ("device.delete", "api:token:3:test-pki-admin") in actors
+        denied = await session.scalars(select(DenylistEntry.device_uuid))
+        assert set(denied) == {live[0], live[1]}
+        row = await session.get(Device, live[1])
+        assert row.deleted_at is not None
+    env.stop()
+
+
+async def test_tokens_that_do_not_open_the_api(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    revoked = await tokens_admin.create_token(env.store, "gone", ["read"], dt.timedelta(days=1))
+    await tokens_admin.revoke_token(env.store, revoked.info.id)
+    expired = await tokens_admin.create_token(env.store, "old", ["read"], dt.timedelta(days=1))
+    async with env.store.transaction() as session:
+        await session.execute(
+            update(ApiToken).where(ApiToken.id == expired.info.id).values(expires_at=utcnow())
+        )
+    env.tokens |= {"revoked": revoked.token, "expired": expired.token}
+    env.start()
+    before = await env.snapshot()
+    cases = [
+        ({}, "Authorization: Bearer"),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, "must be 'Bearer <token>'"),
+        ({"Authorization": "Bearer"}, "must be 'Bearer <token>'"),
+        ({"Authorization": "Bearer cft_" + "A" * 43}, "unknown API token"),
+        ({"Authorization": "Bearer " + "x" * 5000}, "unknown API token"),
+        ({"Authorization": f"Bearer {revoked.token}"}, "was revoked"),
+        ({"Authorization": f"Bearer {expired.token}"}, "expired"),
+    ]
+    for headers, reason in cases:
+        answer = env.call("GET", "/v1/devices", scope=None, headers=headers)
+        assert answer.status == 401, (headers, answer.body)
+        assert reason in answer.json()["message"]
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    answer = env.call("GET", "/v1/devices", scope="register")
+    assert answer.status == 403 and "scope 'read'" in answer.json()["message"]
+    assert await env.snapshot() == before
+    out = env.stop()
+    assert "refused 401" in out and "refused 403" in out
+
+
+def _bad_inputs(live: str, deleted: str) -> list[tuple[str, str, dict, int, str]]:
+    """(method, path, request, status, part of the reason)."""
+    unknown = str(uuid.uuid4())
+    deny = f"/v1/devices/{live}/deny"
+    return [
+        ("GET", "/v1/devices?limit=0", {}, 400, "limit='0' must be a whole number from 1 to 1000"),
+        ("GET", "/v1/devices?limit=ten", {}, 400, "limit='ten'"),
+        ("GET", "/v1/devices?limit=1001", {}, 400, "from 1 to 1000"),
+        ("GET", "/v1/devices?status=sleeping", {}, 400, "unknown status 'sleeping'"),
+        ("GET", "/v1/devices?expiring_within=soon", {}, 400, "not a positive duration"),
+        ("GET", "/v1/devices?expiring_within=0d", {}, 400, "not a positive duration"),
+        ("GET", "/v1/devices?cursor=bm9wZQ", {}, 400, "cursor is not one this API gave out"),
+        ("GET", "/v1/devices?colour=red", {}, 400, "unknown query parameter 'colour'"),
+        ("GET", "/v1/devices?group=a&group=b", {}, 400, "'group' is given twice"),
+        ("GET", "/v1/devices/not-a-uuid", {}, 400, "is not a device uuid"),
+        ("GET", f"/v1/devices/{unknown}", {}, 404, f"no device {unknown}"),
+        ("GET", f"/v1/devices/{live}/updates/certs-1", {}, 404, "has no update certs-1"),
+        ("GET", f"/v1/devices/{live}/updates?cursor={encode_cursor(live)}", {}, 400, "cursor"),
+        ("GET", f"/v1/devices/{live}/updates?limit=-1", {}, 400, "limit='-1'"),
+        ("GET", "/v1/nope", {}, 404, "is not an API path"),
+        ("PUT", "/v1/devices", {}, 405, "takes GET, not PUT"),
+        ("GET", "/v1/reports/expiry?not_seen=-3d", {}, 400, "not_seen='-3d'"),
+        ("POST", deny, {"raw": b"{not json"}, 400, "the body must be JSON"),
+        ("POST", deny, {"body": ["lost"]}, 400, "must be a JSON object"),
+        ("POST", deny, {"body": {}}, 400, "field 'reason' is missing"),
+        ("POST", deny, {"body": {"reason": 7}}, 400, "field 'reason' is missing or not a str"),
+        ("POST", deny, {"body": {"reason": "  "}}, 400, "give a reason"),
+        ("POST", deny, {"body": {"reason": "x", "by": "me"}}, 400, "unknown field(s) by"),
+        ("POST", deny, {"raw": b"{" + b" " * 70000 + b"}"}, 413, "over this API's limit"),
+        ("DELETE", f"/v1/devices/{unknown}", {}, 404, f"no device {unknown}"),
+        ("DELETE", f"/v1/devices/{deleted}", {}, 409, "was already deleted"),
+        ("DELETE", f"/v1/devices/{live}?reason=", {}, 400, "give a reason"),
+        ("DELETE", f"/v1/devices/{live}?why=x", {}, 400, "unknown query parameter 'why'"),
+    ]
+
+
+async def test_bad_input_is_refused_with_a_reason_and_changes_nothing(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    live = await add_device(env.store, not_after=NOW + dt.timedelta(days=90))
+    deleted = await add_device(env.store, not_after=NOW + dt.timedelta(days=90), deleted=True)
+    env.start()
+    cases = _bad_inputs(live, deleted)
+    assert len(cases) >= 12
+    before = await env.snapshot()
+    for method, path, request, status, reason in cases:
+        answer = env.call(method, path, **request)
+        assert answer.status == status, (method, path, answer.body)
+        error = answer.json()
+        assert reason in error["message"], (path, error)
+        assert "\n" not in error["message"]
+        assert error["request_id"] == answer.headers["X-Request-ID"]
+    assert await env.snapshot() == before
+    answer = env.call("GET", "/v1/cas", headers={"X-Request-ID": "trace-42"})
+    assert answer.status == 200 and answer.headers["X-Request-ID"] == "trace-42"
+    assert answer.headers["Content-Type"].startswith("application/json")
+    env.stop()
+
+
+async def test_openapi_document_is_valid_and_complete(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    env.start()
+    answer = env.call("GET", "/openapi.json", scope=None)
+    assert answer.status == 200
+    document = answer.json()
+    validate(document)
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in make_api_app(env.store).router.routes()
+    }
+    listed = {(method, path) for path, item in document["paths"].items() for method in item}
+    assert listed == served
+    assert ("get", "/v1/devices/{uuid}/updates/{correlation_id}") in listed
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if path == "/openapi.json":
+                assert "security" not in operation
+            else:
+                assert operation["security"] == [{"bearer": []}], (method, path)
+                assert operation["x-certfleet-scope"] in ("read", "rotate", "pki-admin")
+    assert document["paths"]["/v1/devices"]["get"]["x-certfleet-scope"] == "read"
+    names = {p["name"] for p in document["paths"]["/v1/devices"]["get"]["parameters"]}
+    assert names == {"group", "status", "expiring_within", "limit", "cursor"}
+    env.stop()
+
+
+async def test_extra_routes_get_auth_errors_and_a_document_entry(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+
+    @auth.requires("rotate")
+    async def start_extra(request: web.Request) -> web.Response:
+        """Start something extra."""
+        return web.json_response({"started": True})
+
+    app = make_api_app(env.store, extra_routes=[web.post("/v1/extra-test", start_extra)])
+    document = build_document(app, [])
+    validate(document)
+    entry = document["paths"]["/v1/extra-test"]["post"]
+    assert entry["summary"] == "Start something extra." and entry["x-certfleet-scope"] == "rotate"
+    async with TestClient(TestServer(app)) as client:
+        headers = {"Authorization": f"Bearer {env.tokens['read']}"}
+        refused = await client.post("/v1/extra-test", headers=headers)
+        assert refused.status == 403 and "scope 'rotate'" in (await refused.json())["message"]
+        headers = {"Authorization": f"Bearer {env.tokens['rotate']}"}
+        assert (await client.post("/v1/extra-test", headers=headers)).status == 200
+
+
+def _server(env: ApiEnv, *args: str) -> subprocess.CompletedProcess:
+    """`certfleet server ARGS` expected to refuse to start."""
+    return subprocess.run(
+        [
+            str(BIN / "certfleet"),
+            "server",
+            "--pki",
+            str(env.pki),
+            "--database",
+            env.db_url,
+            "--listen-est",
+            f"127.0.0.1:{free_port()}",
+            "--listen-gateway",
+            f"127.0.0.1:{free_port()}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_plain_http_only_on_loopback(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    refused = _server(env, "--listen-api", f"0.0.0.0:{free_port()}", "--api-plain-http")
+    assert refused.returncode == 2
+    assert "plain HTTP only on a loopback address, not 0.0.0.0" in refused.stderr
+    clash = _server(env, "--listen-api", "127.0.0.1:1", "--listen-gateway", "127.0.0.1:1")
+    assert clash.returncode == 2 and "listen_api must differ" in clash.stderr
+    config = env.pki.parent / "server.toml"
+    config.write_text('[api]\ntls = "no"\n')
+    wrong = _server(env, "--config", str(config))
+    assert wrong.returncode == 2 and "api setting tls = 'no' has the wrong type" in wrong.stderr
+    config.write_text("[api]\nmax_body = 10\n")
+    unknown = _server(env, "--config", str(config))
+    assert unknown.returncode == 2 and "unknown api setting(s) max_body" in unknown.stderr
+    env.start("--api-plain-http")
+    connection = http.client.HTTPConnection("127.0.0.1", env.server.api_port, timeout=30)
+    connection.request(
+        "GET", "/v1/devices", headers={"Authorization": f"Bearer {env.tokens['read']}"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200 and response.read() == b'{"items":[],"next":null}'
+    connection.close()
+    env.stop()
+
+
+def test_cli_in_remote_mode_needs_a_token(tmp_path):
+    config = tmp_path / "cli.toml"
+    config.write_text('server = "https://127.0.0.1:9"\n')
+    env = {"CERTFLEET_CLI_CONFIG": str(config), "CERTFLEET_TOKEN": ""}
+    done = certfleet("devices", "list", "--json", env=env, expect=2)
+    assert "no API token for https://127.0.0.1:9" in done.stderr

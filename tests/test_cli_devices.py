@@ -1,0 +1,181 @@
+"""`certfleet devices ...` in local mode (the store) and remote mode (the admin API of a real
+server) on devices registered with the real agent and reporting through the real gateway."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+from .api_fixtures import ApiEnv, api_env  # noqa: F401
+from .cli_run import BIN, certfleet
+
+ROTATION = "certs-1795471560"
+STEPS = [
+    ("CertRotationStarted", None),
+    ("Generate new certificate", True),
+    ("Lock device configuration on server", True),
+    ("Update local configuration with new key", False),
+    ("CertRotationCompleted", False),
+]
+
+
+def register(env: ApiEnv, folder: Path, group: str) -> str:
+    """`certfleet-agent register` against the server's gateway; the device uuid."""
+    done = subprocess.run(
+        [
+            str(BIN / "certfleet-agent"),
+            "register",
+            "--server",
+            env.gateway_url,
+            "--factory",
+            "acme",
+            "--group",
+            group,
+            "--dir",
+            str(folder),
+            "--trust",
+            str(env.pki / "root.crt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CERTFLEET_REGISTER_TOKEN": env.tokens["register"]},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def gateway(env: ApiEnv, folder: Path, method: str, path: str, body: object = None) -> int:
+    """One request as the device in ``folder`` makes it; the status."""
+    context = ssl.create_default_context(cafile=str(env.pki / "root.crt"))
+    context.load_cert_chain(folder / "client.pem", folder / "pkey.pem")
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", env.server.gateway_port, context=context, timeout=30
+    )
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def rotation_events() -> list[dict]:
+    return [
+        {
+            "id": f"e{i}",
+            "deviceTime": f"2026-11-23T22:10:0{i}Z",
+            "event": {"correlationId": ROTATION, "success": success, "targetName": "lmp-123"},
+            "eventType": {"id": step},
+        }
+        for i, (step, success) in enumerate(STEPS)
+    ]
+
+
+class Cli:
+    """The same command in both modes."""
+
+    def __init__(self, env: ApiEnv) -> None:
+        self.env = env
+        self.local = ["--pki", str(env.pki), "--database", env.db_url]
+        self.remote = ["--server", env.api_url, "--trust", str(env.pki / "root.crt")]
+
+    def run(self, *args: str, remote: bool, scope: str = "rotate", expect: int = 0):
+        extra = self.remote if remote else self.local
+        token = {"CERTFLEET_TOKEN": self.env.tokens[scope]}
+        done = certfleet(*args, *extra, env=token, expect=expect)
+        for secret in self.env.tokens.values():
+            assert secret not in done.stdout + done.stderr
+        return done
+
+    def both_json(self, *args: str) -> object:
+        local = json.loads(self.run(*args, "--json", remote=False).stdout)
+        remote = json.loads(self.run(*args, "--json", remote=True, scope="read").stdout)
+        assert local == remote, args
+        return local
+
+
+async def test_devices_commands_local_and_remote(api_env: ApiEnv, tmp_path):  # noqa: F811
+    env = api_env
+    env.start()
+    folders = {name: tmp_path / name for name in ("d1", "d2", "d3")}
+    uuids = {
+        name: register(env, folder, "lab" if name != "d3" else "kiosk")
+        for name, folder in folders.items()
+    }
+    assert gateway(env, folders["d1"], "POST", "/events", rotation_events()) == 200
+    cli = Cli(env)
+
+    listed = cli.both_json("devices", "list")
+    assert sorted(item["uuid"] for item in listed) == sorted(uuids.values())
+    assert {item["status"] for item in listed} == {"active"}
+    kiosk = cli.both_json("devices", "list", "--group", "kiosk")
+    assert [item["uuid"] for item in kiosk] == [uuids["d3"]]
+    soon = cli.run("devices", "list", "--expiring-within", "30d", "--json", remote=True)
+    assert json.loads(soon.stdout) == []
+    some = cli.run(
+        "devices", "list", "--expiring-within", "400d", "--limit", "2", "--json", remote=False
+    )
+    assert len(json.loads(some.stdout)) == 2
+
+    shown = cli.both_json("devices", "show", uuids["d1"])
+    assert shown["cert"]["issuer"] == "online-ca" and shown["cert"]["days_left"] in (364, 365)
+    assert shown["rotation"]["id"] == ROTATION and shown["rotation"]["status"] == "failed"
+    assert shown["last_seen_at"] is not None and shown["config_locked"] is False
+    people = cli.run("devices", "show", uuids["d1"], remote=True, scope="read").stdout
+    assert "online-ca" in people and ROTATION in people
+
+    updates = cli.both_json("devices", "updates", uuids["d1"])
+    assert [(u["correlation_id"], u["events"]) for u in updates] == [(ROTATION, 5)]
+    timeline = cli.both_json("devices", "updates", uuids["d1"], ROTATION)
+    assert [event["step"] for event in timeline["events"]] == [step for step, _ in STEPS]
+    lines = cli.run("devices", "updates", uuids["d1"], ROTATION, remote=True, scope="read")
+    assert lines.stdout.splitlines() == [
+        "2026-11-23T22:10:00Z : CertRotationStarted(lmp-123)",
+        "2026-11-23T22:10:01Z : Generate new certificate(lmp-123) -> Succeed",
+        "2026-11-23T22:10:02Z : Lock device configuration on server(lmp-123) -> Succeed",
+        "2026-11-23T22:10:03Z : Update local configuration with new key(lmp-123) -> Failed!",
+        "2026-11-23T22:10:04Z : CertRotationCompleted(lmp-123) -> Failed!",
+    ]
+
+    refused = cli.run(
+        "devices", "deny", uuids["d1"], "--reason", "x", remote=True, scope="read", expect=2
+    )
+    assert "needs a token with scope 'rotate'" in refused.stderr
+    serial = cli.run("devices", "deny", "--serial", "ab", "--reason", "x", remote=True, expect=2)
+    assert "--serial and --sha256 work on the store only" in serial.stderr
+
+    denied = json.loads(
+        cli.run("devices", "deny", uuids["d1"], "--reason", "lost", "--json", remote=True).stdout
+    )
+    assert [(e["device"], e["new"]) for e in denied] == [(uuids["d1"], True)]
+    again = cli.run("devices", "deny", uuids["d1"], "--reason", "again", remote=False).stdout
+    assert again.startswith("already denied (lost)")
+    deadline = time.monotonic() + 5
+    while gateway(env, folders["d1"], "GET", "/device") != 403:
+        assert time.monotonic() < deadline, "the gateway still takes the denied certificate"
+        time.sleep(0.2)
+    assert cli.both_json("devices", "show", uuids["d1"])["status"] == "denied"
+
+    deleted = json.loads(
+        cli.run(
+            "devices", "delete", uuids["d2"], "--yes", "--reason", "scrapped", "--json", remote=True
+        ).stdout
+    )
+    assert deleted["uuid"] == uuids["d2"] and len(deleted["denied"]) == 1
+    gone = cli.both_json("devices", "list", "--status", "deleted")
+    assert [item["uuid"] for item in gone] == [uuids["d2"]]
+    twice = cli.run("devices", "delete", uuids["d2"], "--yes", remote=False, expect=2)
+    assert "was already deleted" in twice.stderr
+    assert gateway(env, folders["d2"], "GET", "/device") == 403
+
+    table = cli.run("devices", "list", remote=True, scope="read").stdout
+    assert uuids["d3"] in table and "denied" in table and uuids["d2"] not in table
+    env.stop()
