@@ -158,12 +158,12 @@ class Fleet:
             made.append(device)
         return made
 
-    def offline_device(self) -> Dev:
-        """A device made at manufacturing with the offline CA; it registers on first use."""
-        pki = PkiDir(self.pki)
+    def offline_device(self, ca: str = "local-ca-1", ca_dir: Path | None = None) -> Dev:
+        """A device made at manufacturing with an offline CA; it registers on first use."""
+        pki = PkiDir(ca_dir or self.pki)
         device_uuid = str(uuid.uuid4())
         folder = self.folder / f"dev{len(self.devices)}"
-        folder.mkdir(parents=True, mode=0o700)
+        folder.mkdir(parents=True, mode=0o700, exist_ok=True)  # a retry reuses it
         key = generate_private_key()
         write_atomic(folder / "pkey.pem", private_key_pem(key), 0o600)
         name = x509.Name(
@@ -174,7 +174,7 @@ class Fleet:
         )
         csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
         cert = issue_device_certificate(
-            csr, pki.read_cert("local-ca-1"), pki.load_signer("file:local-ca-1.key"), "acme"
+            csr, pki.read_cert(ca), pki.load_signer(f"file:{ca}.key"), "acme"
         )
         pem = cert.public_bytes(serialization.Encoding.PEM)
         write_atomic(folder / "client.pem", pem, 0o644)

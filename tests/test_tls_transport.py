@@ -37,6 +37,7 @@ from certfleet.tls import (
     start_tls_server,
     stats,
 )
+from certfleet.tls.contexts import trust_more
 
 HOST = "127.0.0.1"
 DEVICE_ID = str(uuid.UUID(int=7))
@@ -502,6 +503,17 @@ async def test_cert_from_an_untrusted_ca_is_refused(serve, pki, require, version
     port = await serve(require=require)
     with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
         await get_json(port, stdlib_client(pki, version, rogue=True))
+
+
+async def test_a_ca_trusted_while_serving_lets_its_clients_in(stack, pki):
+    context = server_context(pki.server, pki.server_key, pki.root, stack=stack)
+    async with tls_server(context) as port:
+        assert (await get_json(port, stdlib_client(pki, "TLSv1.3")))["cn"] == DEVICE_ID
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            await get_json(port, stdlib_client(pki, "TLSv1.3", rogue=True))
+        rogue_root = x509.load_pem_x509_certificates(pki.rogue.read_bytes())[1]
+        trust_more(context, [rogue_root])
+        assert (await get_json(port, stdlib_client(pki, "TLSv1.3", rogue=True)))["cn"] == DEVICE_ID
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -33,10 +33,11 @@ from certfleet.events.config import EventsSettings, delivery_loop, parse_events_
 from certfleet.fleet.campaigns import CampaignRunner, runner_settings
 from certfleet.gateway.app import make_gateway_app
 from certfleet.gateway.policy import GatewayPolicy
-from certfleet.gateway.registration import registration_routes
+from certfleet.gateway.registration import RegistrationService, service_routes
 from certfleet.gateway.service import GatewayService
 from certfleet.pki.errors import PkiError
 from certfleet.pki.pki_dir import EST_TLS, GATEWAY_TLS, PkiDir
+from certfleet.server_ca_watch import CaWatcher
 from certfleet.server_config import ServerConfig, parse_listen, public_gateway_url
 from certfleet.store.authorities import load_pki_authorities
 from certfleet.store.engine import Store, open_store
@@ -184,14 +185,21 @@ async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -
     try:
         async with store.transaction() as session:
             authorities = await load_pki_authorities(session, config.pki, config.hsm_pin)
-        est_app = make_est_app(EstService(store, authorities, prepared.policy), prepared.policy)
-        registration = registration_routes(
-            store, authorities, gateway_url=public_gateway_url(config)
-        )
+        est = EstService(store, authorities, prepared.policy)
+        est_app = make_est_app(est, prepared.policy)
+        registration = RegistrationService(store, authorities, public_gateway_url(config))
         gateway_app = make_gateway_app(
             GatewayService(store, authorities, prepared.gateway_policy),
-            extra_routes=registration,
+            extra_routes=service_routes(registration),
         )
+        watcher = CaWatcher(
+            store,
+            config.pki,
+            config.hsm_pin,
+            [prepared.est_context, prepared.gateway_context],
+            [est.use_authorities, registration.use_authorities],
+        )
+        await watcher.start()
         sites = [
             await _serve(est_app, prepared.est_socket, prepared.est_context, prepared),
             await _serve(gateway_app, prepared.gateway_socket, prepared.gateway_context, prepared),
@@ -203,6 +211,7 @@ async def run_worker(config: ServerConfig, prepared: Prepared, index: int = 0) -
         delivery = _delivery_task(config, prepared, store, index, stop)
         campaigns = _campaign_task(config, store, index, stop)
         await stop.wait()
+        await watcher.stop()
         if delivery is not None:
             await delivery
         if campaigns is not None:

@@ -55,6 +55,25 @@ def _passphrase_option(fn: click.decorators.FC) -> click.decorators.FC:
     )(fn)
 
 
+def _root_signing_options(fn: click.decorators.FC) -> click.decorators.FC:
+    """What every command that signs with the root key takes."""
+    for option in reversed(
+        [
+            pki_option,
+            database_option,
+            click.option(
+                "--factory", help="Factory name; needed only when the store holds several."
+            ),
+            click.option(
+                "--hsm-pin", metavar="PIN", envvar="CERTFLEET_HSM_PIN", help="Root token PIN."
+            ),
+            _passphrase_option,
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 def _hsm_spec(module: str | None, pin: str | None, token: str | None, key: str) -> HsmSpec | None:
     if not (module or token):
         return None
@@ -195,11 +214,7 @@ def ca_revoke(
 
 @ca.command("new-local-ca")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@pki_option
-@database_option
-@click.option("--factory", help="Factory name; needed only when the store holds several.")
-@click.option("--hsm-pin", metavar="PIN", envvar="CERTFLEET_HSM_PIN", help="Root token PIN.")
-@_passphrase_option
+@_root_signing_options
 def ca_new_local(
     out_dir: Path,
     pki_dir: Path,
@@ -221,19 +236,48 @@ def ca_new_local(
     console.print(f"new offline device CA [bold]{info.name}[/bold] written to {out_dir}")
 
 
+@ca.command("new-online-ca")
+@_root_signing_options
+def ca_new_online(
+    pki_dir: Path,
+    database: str | None,
+    factory: str | None,
+    hsm_pin: str | None,
+    root_passphrase_file: Path | None,
+) -> None:
+    """Replace the online CA that issues device certificates (e.g. after its key leaked)."""
+    info, replaced = run(
+        pki_admin.new_online_ca,
+        database or default_database(pki_dir),
+        pki_dir,
+        factory,
+        pin=hsm_pin,
+        passphrase=_passphrase(root_passphrase_file),
+    )
+    console.print(
+        f"new online CA [bold]{info.name}[/bold] issues device certificates from now on "
+        "(running servers switch within seconds)",
+        soft_wrap=True,
+    )
+    if replaced is not None:
+        console.print(
+            f"{replaced.name} stays trusted until you revoke it; move its devices first:\n"
+            f"  certfleet campaigns create --reissue-from-ca {replaced.name} --to-ca {info.name} "
+            "--reason ...",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 @keys.group(cls=CertfleetGroup)
 def est() -> None:
     """The EST server's TLS identity."""
 
 
 @est.command("authorize")
-@pki_option
-@database_option
-@click.option("--factory", help="Factory name; needed only when the store holds several.")
+@_root_signing_options
 @click.option("--est-dns", multiple=True, help="EST server host name (repeatable).")
 @click.option("--est-ip", multiple=True, help="EST server IP address (repeatable).")
-@click.option("--hsm-pin", metavar="PIN", envvar="CERTFLEET_HSM_PIN", help="Root token PIN.")
-@_passphrase_option
 def est_authorize(
     pki_dir: Path,
     database: str | None,

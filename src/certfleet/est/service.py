@@ -163,9 +163,13 @@ class EstService:
         if policy.default_label is not None and policy.default_label not in authorities:
             raise ValueError(f"EST default label {policy.default_label!r} is not a factory here")
         self.store = store
-        self.authorities = dict(authorities)
         self.policy = policy
         self._factory_ids: dict[str, int] = {}
+        self.use_authorities(authorities)
+
+    def use_authorities(self, authorities: Mapping[str, FactoryAuthority]) -> None:
+        """Issue with these from now on: a new online CA, or a CA's status changed."""
+        self.authorities = dict(authorities)
         self._cacerts: dict[str, bytes] = {}
         self._issuers = {name: profiles.Issuer.of(a.issuing_ca) for name, a in authorities.items()}
 

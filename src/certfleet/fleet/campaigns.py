@@ -40,6 +40,7 @@ from certfleet.fleet import config_admin, rotate_certs
 from certfleet.fleet.rotate_certs import RotationOrder
 from certfleet.store import audit, cas, factories, outbox
 from certfleet.store import campaigns as rows
+from certfleet.store.authorities import issuing_online_ca
 from certfleet.store.campaigns import ActiveDevice, PendingDevice
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import NotFoundError, StoreError
@@ -586,10 +587,12 @@ async def _breach_cas(
         )
     if new.id == old.id:
         raise CampaignError("--to-ca must differ from --reissue-from-ca")
-    if new.kind != CaKind.ONLINE or new.status != CaStatus.ACTIVE or not new.key_ref:
+    issuing = issuing_online_ca(await cas.list_cas(session, factory_id))
+    if issuing is None or new.id != issuing.id:
+        now_issuing = f"; it issues with {issuing.name} now" if issuing else ""
         raise CampaignError(
-            f"--to-ca {new.name}: the EST server renews certificates only with the factory's "
-            "active online CA (the one whose key it holds); name that CA"
+            f"--to-ca {new.name}: devices renew with the online CA the server issues with "
+            f"(the newest active one, made by `keys ca new-online-ca`){now_issuing}"
         )
     return old, new
 

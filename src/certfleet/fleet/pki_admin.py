@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.pki import profiles
@@ -30,10 +31,18 @@ from certfleet.pki.hierarchy import (
 )
 from certfleet.pki.keys import cert_sha256, private_key_pem
 from certfleet.pki.pkcs11_signer import Pkcs11Ref, generate_pkcs11_key
-from certfleet.pki.pki_dir import EST_TLS, KEY_MODE, LOCAL_CA_PREFIX, PkiDir, read_cert_file
+from certfleet.pki.pki_dir import (
+    EST_TLS,
+    KEY_MODE,
+    LOCAL_CA_PREFIX,
+    ONLINE_CA,
+    PkiDir,
+    read_cert_file,
+)
 from certfleet.pki.signer import Signer
 from certfleet.protocol import CA_ADDED, CA_DISABLED, CA_REVOKED
 from certfleet.store import audit, cas, certificates, factories, outbox
+from certfleet.store.authorities import issuing_online_ca
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import DuplicateError
 from certfleet.store.schema import Ca, CaKind, CaStatus
@@ -254,6 +263,8 @@ async def revoke_device_ca(
     async with _store(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         ca = await _device_ca(session, row.id, name)
+        if ca.status != CaStatus.REVOKED:
+            await _keep_an_issuer(session, row.id, ca)
         root = await _root(session, row.id)
         signer = _root_signer(pki, root, pin, passphrase)
         revoked = [
@@ -276,6 +287,19 @@ async def revoke_device_ca(
         crl_path.parent.mkdir(mode=0o755, exist_ok=True)
         write_atomic(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o444)
         return Revocation(CaInfo.of(ca), crl_path, affected)
+
+
+async def _keep_an_issuer(session: AsyncSession, factory_id: int, ca: Ca) -> None:
+    """Refuse to take away the last online CA: the server could issue nothing after it."""
+    rows = await cas.list_cas(session, factory_id)
+    if ca.id != getattr(issuing_online_ca(rows), "id", None):
+        return
+    if issuing_online_ca([c for c in rows if c.id != ca.id]) is None:
+        raise PkiError(
+            f"{ca.name} is the factory's only online CA: make its successor first with "
+            f"`certfleet keys ca new-online-ca`, move its devices with `certfleet campaigns "
+            f"create --reissue-from-ca {ca.name} --to-ca <new>`, then revoke it"
+        )
 
 
 def _serial(ca: Ca) -> int:
@@ -370,3 +394,63 @@ async def _replace(session: AsyncSession, ca: Ca, item: Issued) -> Ca:
         not_after=cert.not_valid_after_utc,
         ski=ski.hex(),
     )
+
+
+async def new_online_ca(
+    url: str,
+    pki_dir: Path,
+    factory: str | None = None,
+    *,
+    pin: str | None = None,
+    passphrase: bytes | None = None,
+) -> tuple[CaInfo, CaInfo | None]:
+    """A further online CA, signed by the root, that issues from now on; and the one it replaces.
+
+    Its key goes into the PKI folder like the first one's. The replaced CA stays
+    trusted, so its devices keep working until a campaign moves them
+    (`--reissue-from-ca OLD --to-ca NEW`) and the operator revokes it.
+    """
+    pki = PkiDir(pki_dir)
+    written: list[Issued] = []
+    async with _store(url) as store:
+        try:
+            async with store.transaction() as session:
+                row = await factories.resolve_factory(session, factory)
+                root = await _root(session, row.id)
+                signer = _root_signer(pki, root, pin, passphrase)
+                existing = await cas.list_cas(session, row.id)
+                replaced = issuing_online_ca(existing)
+                name = _next_online_name(existing)
+                issuer = profiles.Issuer.of(x509.load_pem_x509_certificate(root.cert_pem.encode()))
+                common_name = "Online-CA-" + name.removeprefix(f"{ONLINE_CA}-")
+                curve = _curve(replaced)
+                item = issue_device_ca(
+                    CaKind.ONLINE, name, common_name, row.name, pki, signer, issuer, curve
+                )
+                ca = await _record(session, row.id, item)
+                replaces = replaced.name if replaced else None
+                await _ca_changed(session, "ca.new-online", CA_ADDED, ca, replaces=replaces)
+                write_issued(pki, [item])
+                written.append(item)
+        except BaseException:
+            _remove_written(pki, written)  # the store refused it: no orphan key
+            raise
+    return CaInfo.of(ca), (CaInfo.of(replaced) if replaced else None)
+
+
+def _next_online_name(existing: list[Ca]) -> str:
+    taken = {ca.name for ca in existing}
+    return next(
+        f"{ONLINE_CA}-{i}" for i in range(2, len(taken) + 3) if f"{ONLINE_CA}-{i}" not in taken
+    )
+
+
+def _curve(ca: Ca | None) -> str:
+    """The curve of the CA being replaced, so that the new one is as strong."""
+    if ca is None:
+        return "P-256"
+    key = x509.load_pem_x509_certificate(ca.cert_pem.encode()).public_key()
+    curves = {"secp256r1": "P-256", "secp384r1": "P-384"}
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in curves:
+        raise PkiError(f"online CA {ca.name} has a key type this tool does not make")
+    return curves[key.curve.name]

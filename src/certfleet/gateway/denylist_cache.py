@@ -25,11 +25,11 @@ are reads that take no write lock (store/hot_path.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
+from certfleet import background
 from certfleet.store.engine import Store
 
 log = logging.getLogger(__name__)
@@ -117,32 +117,18 @@ class DenylistCache:
         self._gaps.clear()
         await self.poll()
         self._tasks = [
-            asyncio.create_task(self._every(self.poll_every, self.poll), name="denylist-poll"),
             asyncio.create_task(
-                self._every(self.reload_every, self.reload), name="denylist-reload"
+                background.repeat(self.poll_every, self.poll, "deny-list poll", log),
+                name="denylist-poll",
+            ),
+            asyncio.create_task(
+                background.repeat(self.reload_every, self.reload, "deny-list reload", log),
+                name="denylist-reload",
             ),
         ]
 
     async def stop(self) -> None:
         """Stop the background tasks."""
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await background.cancel(task)
         self._tasks = []
-
-    async def _every(self, seconds: float, action: Callable[[], Awaitable[None]]) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await action()
-            except Exception as exc:  # a store outage must not end the refresh loop
-                if not failing:
-                    log.warning("deny-list refresh failed, keeping the last one: %r", exc)
-                failing = True
-            else:
-                if failing:
-                    log.warning("deny-list refresh works again")
-                failing = False

@@ -67,6 +67,10 @@ class RegistrationService:
         self.gateway_url = gateway_url
         self.validity = validity
 
+    def use_authorities(self, authorities: Mapping[str, FactoryAuthority]) -> None:
+        """Issue with these from now on (a new online CA)."""
+        self.authorities = dict(authorities)
+
     async def register(self, token: str, body: bytes, request_id: str) -> Registration:
         """Check the token and the body, then issue and record everything in one transaction."""
         async with self.store.transaction() as session:
@@ -236,7 +240,11 @@ def registration_routes(
     validity: dt.timedelta = profiles.YEAR,
 ) -> list[web.RouteDef]:
     """`POST /register`, for the gateway listener (it needs no client certificate)."""
-    service = RegistrationService(store, authorities, gateway_url, validity)
+    return service_routes(RegistrationService(store, authorities, gateway_url, validity))
+
+
+def service_routes(service: RegistrationService) -> list[web.RouteDef]:
+    """`POST /register` served by `service`."""
     return [web.post("/register", _handler(service))]
 
 

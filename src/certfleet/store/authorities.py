@@ -17,6 +17,17 @@ from certfleet.store.schema import Ca, CaKind, CaStatus
 DEVICE_CA_KINDS = (CaKind.ONLINE, CaKind.LOCAL)
 
 
+def issuing_online_ca(rows: list[Ca]) -> Ca | None:
+    """The online CA the server issues with: the newest active one with a key.
+
+    A factory gets a further online CA (`keys ca new-online-ca`) when the one
+    in use must be replaced; the older ones stay trusted until revoked.
+    """
+    usable = [c for c in rows if c.kind == CaKind.ONLINE and c.status == CaStatus.ACTIVE]
+    usable = [c for c in usable if c.key_ref]
+    return max(usable, key=lambda c: c.id, default=None)
+
+
 def _cert(row: Ca) -> x509.Certificate:
     return x509.load_pem_x509_certificate(row.cert_pem.encode())
 
@@ -24,12 +35,12 @@ def _cert(row: Ca) -> x509.Certificate:
 async def load_authority(
     session: AsyncSession, factory: str, pki_dir: Path, pin: str | None = None
 ) -> FactoryAuthority:
-    """Root, online CA (with its signer) and every non-revoked device CA of a factory."""
+    """Root, issuing online CA (with its signer) and every non-revoked device CA of a factory."""
     row = await factories.get_factory(session, factory)
     rows = await cas.list_cas(session, row.id)
     roots = [c for c in rows if c.kind == CaKind.ROOT]
-    online = [c for c in rows if c.kind == CaKind.ONLINE and c.status == CaStatus.ACTIVE]
-    if not roots or not online or not online[0].key_ref:
+    online = issuing_online_ca(rows)
+    if not roots or online is None:
         raise PkiError(f"factory {factory!r} has no root or no active online CA with a key")
     device_cas = {
         c.sha256: _cert(c)
@@ -39,9 +50,9 @@ async def load_authority(
     return FactoryAuthority(
         factory=factory,
         root=_cert(roots[0]),
-        issuing_ca=_cert(online[0]),
-        issuing_ca_id=online[0].id,
-        signer=PkiDir(pki_dir).load_signer(online[0].key_ref, pin),
+        issuing_ca=_cert(online),
+        issuing_ca_id=online.id,
+        signer=PkiDir(pki_dir).load_signer(online.key_ref or "", pin),
         device_cas=device_cas,
     )
 

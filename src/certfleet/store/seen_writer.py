@@ -11,10 +11,10 @@ the next round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 
+from certfleet import background
 from certfleet.store.engine import Store
 from certfleet.store.hot_rows import Seen
 
@@ -51,31 +51,16 @@ class SeenWriter:
 
     async def start(self) -> None:
         """Write in the background until stop()."""
-        self._task = asyncio.create_task(self._run(), name="last-seen-writer")
+        self._task = asyncio.create_task(
+            background.repeat(self.every, self.flush, "writing last-seen times", log),
+            name="last-seen-writer",
+        )
 
     async def stop(self) -> None:
         """Stop the background task and write what is left (a failure is logged, not raised)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await background.cancel(self._task)
+        self._task = None
         try:
             await self.flush()
         except Exception as exc:  # shutting down: nothing would retry
             log.warning("%d last-seen times not written at shutdown: %r", len(self._queued), exc)
-
-    async def _run(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self.every)
-            try:
-                await self.flush()
-            except Exception as exc:  # a store outage must not end the loop
-                if not failing:
-                    log.warning("writing last-seen times failed, keeping them: %r", exc)
-                failing = True
-            else:
-                if failing:
-                    log.warning("writing last-seen times works again")
-                failing = False

@@ -84,6 +84,22 @@ def server_context(
     raise ValueError(f"unknown TLS stack {stack!r}")
 
 
+def trust_more(ctx: SSL.Context | ssl.SSLContext, cas: list[x509.Certificate]) -> None:
+    """Trust further client CAs in a server context in use; new handshakes see them."""
+    if isinstance(ctx, ssl.SSLContext):
+        for ca in cas:
+            ctx.load_verify_locations(cadata=ca.public_bytes(serialization.Encoding.DER))
+        return
+    # pyOpenSSL refuses to change a context once it made a connection, but
+    # OpenSSL's X509_STORE takes certificates at any time (it has its own
+    # lock). The list of CA names sent in the handshake stays as it was: a
+    # hint that device clients, sending the one certificate they have, ignore.
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in cas:
+        store.add_cert(crypto.X509.from_cryptography(ca))
+
+
 def client_context(
     cert: CertSource | None,
     key: KeySource | None,
