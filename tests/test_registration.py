@@ -518,7 +518,9 @@ async def test_inside_the_gateway_app_the_new_identity_is_accepted(env, caplog):
         device_uuid = (await gw.agent(*args, token=await gw.token())).stdout.strip()
         status, headers, text = await gw.post(request_body(), token="cft_nope")
         assert status == 401 and headers["X-Certfleet-Error"] == "bad-token"
-        [refusal] = [r for r in caplog.records if r.getMessage().startswith("register refused")]
+        [refusal] = [
+            r for r in caplog.records if r.getMessage().startswith("gateway POST /register refused")
+        ]
         assert headers["X-Request-ID"] in refusal.getMessage()
 
         client = ssl.create_default_context(cafile=device_dir / "root.crt")
@@ -711,7 +713,9 @@ async def test_refusals_are_one_line_and_store_nothing(gw, caplog, name):
     if status == 403:
         assert 'error="insufficient_scope", scope="register"' in headers["WWW-Authenticate"]
     assert await gw.snapshot() == before
-    refusals = [r for r in caplog.records if r.getMessage().startswith("register refused")]
+    refusals = [
+        r for r in caplog.records if r.getMessage().startswith("gateway POST /register refused")
+    ]
     assert len(refusals) == 1 and refusals[0].levelno == logging.INFO
     assert case.reason in refusals[0].getMessage()
     assert headers["X-Request-ID"] in refusals[0].getMessage()

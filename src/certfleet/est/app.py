@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from certfleet.refusals import framework_refusal, log_fault, log_refusal, method_not_allowed
+
 from .errors import EstError, bad_request, unauthorized
 from .peer import PeerGetter, PeerReader
 from .policy import EstPolicy
@@ -189,12 +191,7 @@ async def _refusals(request: web.Request, handler: Handler) -> web.StreamRespons
     except web.HTTPException as exc:
         response = _refusal(request, _from_http(request, exc))
     except Exception:
-        log.exception(
-            "EST %s %s failed (request %s)", request.method, request.path, request[REQUEST_ID]
-        )
-        response = _text(
-            500, f"internal error; the server log has details (request {request[REQUEST_ID]})"
-        )
+        response = _text(500, log_fault(log, "EST", request, request[REQUEST_ID]))
     response.headers["X-Request-ID"] = request[REQUEST_ID]
     return response
 
@@ -202,20 +199,7 @@ async def _refusals(request: web.Request, handler: Handler) -> web.StreamRespons
 def _refusal(request: web.Request, exc: EstError) -> web.Response:
     identity = request.get(IDENTITY)
     user = f", user {identity.basic.username}" if identity and identity.basic else ""
-    # 501 is an answer about the protocol, not a fault of this server.
-    level = logging.WARNING if exc.status >= 500 and exc.status != 501 else logging.INFO
-    log.log(
-        level,
-        "EST %s %s refused %d %s: %s (peer %s%s, request %s)",
-        request.method,
-        request.path,
-        exc.status,
-        exc.code,
-        exc.message,
-        request.remote,
-        user,
-        request[REQUEST_ID],
-    )
+    log_refusal(log, "EST", request, exc, user, request[REQUEST_ID])
     response = _text(exc.status, exc.message)
     response.headers.update(exc.headers)
     return response
@@ -229,13 +213,7 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> EstError:
     """Routing and framework refusals, reworded so a person knows what to change."""
     operation = request.path.rstrip("/").rsplit("/", 1)[-1]
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return EstError(
-            405,
-            "method",
-            f"{operation} takes {allowed}, not {request.method}",
-            {hdrs.ALLOW: allowed},
-        )
+        return method_not_allowed(EstError, request, exc, operation)
     if isinstance(exc, web.HTTPNotFound):
         if not request.path.startswith(PREFIX + "/"):
             return EstError(404, "not-est", f"{request.path} is not an EST path; use {PREFIX}/")
@@ -248,4 +226,4 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> EstError:
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return EstError(413, "too-large", "request body is larger than this server's limit")
-    return EstError(exc.status, "http", exc.reason)
+    return framework_refusal(EstError, exc)

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from certfleet.refusals import Refusal
 
 
-class EstError(Exception):
+class EstError(Refusal):
     """A refused EST request; the message is one line the client's operator can act on."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="certfleet-est"'}

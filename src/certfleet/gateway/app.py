@@ -24,6 +24,8 @@ from aiohttp import hdrs, web
 from aiohttp.helpers import parse_http_date
 from cryptography import x509
 
+from certfleet.refusals import framework_refusal, log_fault, log_refusal, method_not_allowed
+
 from .config import http_date
 from .errors import GatewayError, no_client_cert, too_large
 from .peer import client_cert
@@ -167,12 +169,7 @@ async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         response = _refusal(request, _from_http(request, exc))
     except Exception:
-        log.exception(
-            "gateway %s %s failed (request %s)", request.method, request.path, request[REQUEST_ID]
-        )
-        response = _text(
-            500, f"internal error; the server log has details (request {request[REQUEST_ID]})"
-        )
+        response = _text(500, log_fault(log, "gateway", request, request[REQUEST_ID]))
     response.headers["X-Request-ID"] = request[REQUEST_ID]
     response.headers[WORKER_HEADER] = str(os.getpid())
     return response
@@ -181,19 +178,7 @@ async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse
 def _refusal(request: web.Request, exc: GatewayError) -> web.Response:
     cert = client_cert(request)
     who = f", cert serial {cert.serial_number:x}" if cert is not None else ""
-    level = logging.WARNING if exc.status >= 500 else logging.INFO
-    log.log(
-        level,
-        "gateway %s %s refused %d %s: %s (peer %s%s, request %s)",
-        request.method,
-        request.path,
-        exc.status,
-        exc.code,
-        exc.message,
-        request.remote,
-        who,
-        request[REQUEST_ID],
-    )
+    log_refusal(log, "gateway", request, exc, who, request[REQUEST_ID])
     response = _text(exc.status, exc.message)
     response.headers.update(exc.headers)
     response.headers[ERROR_HEADER] = exc.code
@@ -207,13 +192,7 @@ def _text(status: int, message: str) -> web.Response:
 def _from_http(request: web.Request, exc: web.HTTPException) -> GatewayError:
     """Routing and framework refusals, reworded so a person knows what to change."""
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return GatewayError(
-            405,
-            "method",
-            f"{request.path} takes {allowed}, not {request.method}",
-            {hdrs.ALLOW: allowed},
-        )
+        return method_not_allowed(GatewayError, request, exc, request.path)
     if isinstance(exc, web.HTTPNotFound):
         paths = sorted(
             {r.canonical for r in request.app.router.resources() if r.canonical.startswith("/")}
@@ -225,4 +204,4 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> GatewayError:
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return GatewayError(413, "too-large", "request body is larger than this gateway's limit")
-    return GatewayError(exc.status, "http", exc.reason)
+    return framework_refusal(GatewayError, exc)

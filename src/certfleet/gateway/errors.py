@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from certfleet.refusals import Refusal
 
 
-class GatewayError(Exception):
+class GatewayError(Refusal):
     """A refused device request; the message is one line the device's operator can act on."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 NO_CLIENT_CERT = "this endpoint needs the device's client certificate"

@@ -26,6 +26,7 @@ from certfleet.pki.authority import FactoryAuthority, issue_device_certificate
 from certfleet.pki.csr import CsrError
 from certfleet.pki.errors import PkiError
 from certfleet.pki.keys import cert_sha256
+from certfleet.refusals import log_fault, log_refusal
 from certfleet.store import audit, cas, devices, factories, outbox, tokens
 from certfleet.store.engine import Store
 from certfleet.store.errors import DuplicateError, NotFoundError, TokenRejectedError
@@ -260,9 +261,7 @@ def _handler(service: RegistrationService) -> Callable[[web.Request], Awaitable[
         except GatewayError as exc:
             return _refusal(request, request_id, exc)
         except Exception:
-            log.exception("register failed (request %s)", request_id)
-            message = f"internal error; the server log has details (request {request_id})"
-            return _text_response(500, message, request_id)
+            return _text_response(500, log_fault(log, "gateway", request, request_id), request_id)
         headers = {hdrs.CACHE_CONTROL: "no-store", "X-Request-ID": request_id}
         return web.json_response(result.as_dict(), status=201, headers=headers)
 
@@ -289,16 +288,7 @@ def _too_large(what: str) -> GatewayError:
 
 
 def _refusal(request: web.Request, request_id: str, exc: GatewayError) -> web.Response:
-    level = logging.WARNING if exc.status >= 500 else logging.INFO
-    log.log(
-        level,
-        "register refused %d %s: %s (peer %s, request %s)",
-        exc.status,
-        exc.code,
-        exc.message,
-        request.remote,
-        request_id,
-    )
+    log_refusal(log, "gateway", request, exc, "", request_id)
     response = _text_response(exc.status, exc.message, request_id)
     response.headers.update(exc.headers)
     response.headers[ERROR_HEADER] = exc.code

@@ -1,0 +1,73 @@
+"""What the HTTP front ends (EST, device gateway, admin API) share about refusing a request.
+
+Each front end has its own error type (a subclass of `Refusal`), its own
+answer format (text or JSON) and names the caller its own way; the fields of
+a refusal, the one log line per refusal and per fault, and the wording of
+framework refusals are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TypeVar
+
+from aiohttp import hdrs, web
+
+
+class Refusal(Exception):
+    """A refused request: HTTP status, a code for machines, one line a person can act on."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+R = TypeVar("R", bound=Refusal)
+
+
+def log_refusal(
+    log: logging.Logger, front: str, request: web.Request, refusal: Refusal, who: str, rid: str
+) -> None:
+    """One line per refusal: INFO for the client's mistakes, WARNING for this server's 5xx."""
+    # 501 is an answer about the protocol, not a fault of this server.
+    level = logging.WARNING if refusal.status >= 500 and refusal.status != 501 else logging.INFO
+    log.log(
+        level,
+        "%s %s %s refused %d %s: %s (peer %s%s, request %s)",
+        front,
+        request.method,
+        request.path,
+        refusal.status,
+        refusal.code,
+        refusal.message,
+        request.remote,
+        who,
+        rid,
+    )
+
+
+def log_fault(log: logging.Logger, front: str, request: web.Request, rid: str) -> str:
+    """Log the exception being handled with its traceback; the message for the 500 answer."""
+    log.exception("%s %s %s failed (request %s)", front, request.method, request.path, rid)
+    return f"internal error; the server log has details (request {rid})"
+
+
+def method_not_allowed(
+    kind: type[R], request: web.Request, exc: web.HTTPMethodNotAllowed, what: str
+) -> R:
+    """405 naming the methods `what` (a path or an operation) takes."""
+    allowed = ", ".join(sorted(exc.allowed_methods))
+    return kind(
+        405, "method", f"{what} takes {allowed}, not {request.method}", {hdrs.ALLOW: allowed}
+    )
+
+
+def framework_refusal(kind: type[R], exc: web.HTTPException) -> R:
+    """Any other refusal aiohttp raised itself, with its own reason."""
+    return kind(exc.status, "http", exc.reason)
