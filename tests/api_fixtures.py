@@ -31,7 +31,10 @@ from certfleet.store.schema import (
     AuditEntry,
     Ca,
     CaKind,
+    Campaign,
     Certificate,
+    ConfigFile,
+    ConfigLog,
     DenylistEntry,
     Device,
     OutboxEvent,
@@ -135,7 +138,16 @@ class ApiEnv:
         async with self.store.transaction() as session:
             counts: dict[str, Any] = {
                 table.__tablename__: await session.scalar(select(func.count()).select_from(table))
-                for table in (Device, Certificate, DenylistEntry, OutboxEvent, AuditEntry)
+                for table in (
+                    Device,
+                    Certificate,
+                    DenylistEntry,
+                    OutboxEvent,
+                    AuditEntry,
+                    ConfigFile,
+                    ConfigLog,
+                    Campaign,
+                )
             }
             deleted = select(func.count()).where(Device.deleted_at.is_not(None))
             counts["deleted"] = await session.scalar(deleted)

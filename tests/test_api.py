@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import subprocess
+import time
 import uuid
 
 from aiohttp import web
@@ -18,8 +19,15 @@ from certfleet.api.app import make_api_app
 from certfleet.api.openapi import build_document
 from certfleet.fleet import tokens_admin
 from certfleet.fleet.device_views import encode_cursor
-from certfleet.store import updates
-from certfleet.store.schema import ApiToken, AuditEntry, DenylistEntry, Device, utcnow
+from certfleet.store import config_files, factories, updates
+from certfleet.store.schema import (
+    ApiToken,
+    AuditEntry,
+    ConfigScope,
+    DenylistEntry,
+    Device,
+    utcnow,
+)
 
 from .api_fixtures import ApiEnv, add_device, api_env  # noqa: F401
 from .cli_run import BIN, certfleet
@@ -27,6 +35,7 @@ from .server_process import free_port
 
 NOW = utcnow()
 LIVE = 23
+EST = "https://est.acme.example:8443/.well-known/est"
 
 
 async def _seed(env: ApiEnv) -> tuple[list[str], str]:
@@ -97,9 +106,12 @@ async def test_scopes_pages_and_workers(api_env: ApiEnv):  # noqa: F811
     assert gone == [deleted]
     await _updates_walk(env, live[2])
 
-    workers = {
-        env.call("GET", "/v1/cas", scope="read").headers["X-Certfleet-Worker"] for _ in range(60)
-    }
+    # The kernel hands each new connection to whichever worker accepts first,
+    # so it may take a while until both have answered.
+    workers: set[str] = set()
+    deadline = time.monotonic() + 20
+    while len(workers) < 2 and time.monotonic() < deadline:
+        workers.add(env.call("GET", "/v1/cas", scope="read").headers["X-Certfleet-Worker"])
     assert len(workers) == 2, "both workers serve the API"
 
     before = await env.snapshot()
@@ -167,9 +179,20 @@ async def test_tokens_that_do_not_open_the_api(api_env: ApiEnv):  # noqa: F811
     assert "refused 401" in out and "refused 403" in out
 
 
-def _bad_inputs(live: str, deleted: str) -> list[tuple[str, str, dict, int, str]]:
+def _bad_inputs(live: str, deleted: str, locked: str) -> list[tuple[str, str, dict, int, str]]:
     """(method, path, request, status, part of the reason)."""
     unknown = str(uuid.uuid4())
+    return [
+        *_bad_device_inputs(live, deleted, unknown),
+        *_bad_rotations(live, deleted, locked, unknown),
+        *_bad_denials(),
+        *_bad_campaign_inputs(),
+    ]
+
+
+def _bad_device_inputs(
+    live: str, deleted: str, unknown: str
+) -> list[tuple[str, str, dict, int, str]]:
     deny = f"/v1/devices/{live}/deny"
     return [
         ("GET", "/v1/devices?limit=0", {}, 400, "limit='0' must be a whole number from 1 to 1000"),
@@ -203,12 +226,95 @@ def _bad_inputs(live: str, deleted: str) -> list[tuple[str, str, dict, int, str]
     ]
 
 
+def _bad_rotations(
+    live: str, deleted: str, locked: str, unknown: str
+) -> list[tuple[str, str, dict, int, str]]:
+    """POST /v1/devices/{uuid}/rotate-certs: each refused before anything is stored."""
+    rotate = f"/v1/devices/{live}/rotate-certs"
+
+    def body(**fields: object) -> dict:
+        return {"body": {"reason": "yearly", "est_server": EST, **fields}}
+
+    return [
+        ("POST", rotate, {"body": {"reason": "yearly"}}, 400, "give --est-server URL"),
+        ("POST", rotate, body(est_server="http://est.example"), 400, "must be an https:// URL"),
+        ("POST", rotate, body(est_server=None), 400, "field 'est_server' must be a str"),
+        ("POST", rotate, body(hsm_pkey_ids="01", hsm_cert_ids="03,09"), 400, "two different hex"),
+        ("POST", rotate, body(hsm_pkey_ids="01,07"), 400, "give --hsm-pkey-ids and --hsm-cert"),
+        ("POST", rotate, body(dryrun="yes"), 400, "field 'dryrun' must be a bool"),
+        ("POST", rotate, body(when="now"), 400, "unknown field(s) when"),
+        ("POST", rotate, body(reason=" "), 400, "give a --reason"),
+        ("POST", rotate, {"body": {"est_server": EST}}, 400, "field 'reason' is missing"),
+        ("POST", rotate + "?now=1", body(), 400, "unknown query parameter 'now'"),
+        ("POST", "/v1/devices/nope/rotate-certs", body(), 400, "'nope' is not a device uuid"),
+        ("POST", f"/v1/devices/{unknown}/rotate-certs", body(), 404, f"no device {unknown}"),
+        ("POST", f"/v1/devices/{deleted}/rotate-certs", body(), 404, "(or it was deleted)"),
+        ("POST", f"/v1/devices/{locked}/rotate-certs", body(), 409, "in the middle of a key"),
+        (
+            "POST",
+            f"/v1/devices/{locked}/rotate-certs",
+            body(dryrun=True),
+            409,
+            "it gets no new rotation until it connects with its new key",
+        ),
+        ("GET", rotate, {}, 405, "takes POST, not GET"),
+    ]
+
+
+def _bad_denials() -> list[tuple[str, str, dict, int, str]]:
+    """POST /v1/denylist."""
+    path = "/v1/denylist"
+    return [
+        ("POST", path, {"body": {"serial": "ab"}}, 400, "field 'reason' is missing"),
+        ("POST", path, {"body": {"reason": "x"}}, 400, "exactly one of the fields 'serial'"),
+        (
+            "POST",
+            path,
+            {"body": {"reason": "x", "serial": "ab", "sha256": "cd"}},
+            400,
+            "exactly one of the fields 'serial' and 'sha256'",
+        ),
+        (
+            "POST",
+            path,
+            {"body": {"reason": "x", "serial": "zz-1"}},
+            400,
+            "not a certificate serial",
+        ),
+        ("POST", path, {"body": {"reason": "x", "serial": "a" * 41}}, 400, "1 to 40 hex digits"),
+        ("POST", path, {"body": {"reason": "x", "serial": 12}}, 400, "'serial' must be a str"),
+        ("POST", path, {"body": {"reason": "x", "sha256": "abc"}}, 400, "not a SHA-256"),
+        ("POST", path, {"body": {"reason": " ", "serial": "ab"}}, 400, "give a reason of 1 to"),
+        ("POST", path, {"body": {"reason": "x", "device": "d"}}, 400, "unknown field(s) device"),
+        (
+            "POST",
+            path,
+            {"body": {"reason": "x", "serial": "0xABCDEF"}},
+            404,
+            "no certificate with serial 0xABCDEF is known",
+        ),
+    ]
+
+
+def _bad_campaign_inputs() -> list[tuple[str, str, dict, int, str]]:
+    """The campaign routes, now declared endpoints, refuse as before."""
+    return [
+        ("GET", "/v1/campaigns?limit=0", {}, 400, "limit='0' must be a whole number"),
+        ("GET", "/v1/campaigns/x", {}, 400, "campaign id 'x' must be a whole number"),
+        ("GET", "/v1/campaigns/999", {}, 404, "no campaign 999"),
+        ("POST", "/v1/campaigns/999/pause", {}, 404, "no campaign 999"),
+        ("POST", "/v1/campaigns/1/explode", {}, 404, "is not an API path"),
+        ("POST", "/v1/campaigns", {"body": {"group": "lab", "colour": 1}}, 400, "unknown field"),
+    ]
+
+
 async def test_bad_input_is_refused_with_a_reason_and_changes_nothing(api_env: ApiEnv):  # noqa: F811
     env = api_env
     live = await add_device(env.store, not_after=NOW + dt.timedelta(days=90))
     deleted = await add_device(env.store, not_after=NOW + dt.timedelta(days=90), deleted=True)
+    locked = await add_device(env.store, not_after=NOW + dt.timedelta(days=90), locked=True)
     env.start()
-    cases = _bad_inputs(live, deleted)
+    cases = _bad_inputs(live, deleted, locked)
     assert len(cases) >= 12
     before = await env.snapshot()
     for method, path, request, status, reason in cases:
@@ -222,6 +328,67 @@ async def test_bad_input_is_refused_with_a_reason_and_changes_nothing(api_env: A
     answer = env.call("GET", "/v1/cas", headers={"X-Request-ID": "trace-42"})
     assert answer.status == 200 and answer.headers["X-Request-ID"] == "trace-42"
     assert answer.headers["Content-Type"].startswith("application/json")
+    env.stop()
+
+
+async def test_rotate_certs_and_deny_by_serial_through_the_api(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    device = await add_device(env.store, not_after=NOW + dt.timedelta(days=90))
+    other = await add_device(env.store, not_after=NOW + dt.timedelta(days=90))
+    env.start()
+    path = f"/v1/devices/{device}/rotate-certs"
+    body = {"reason": "yearly", "est_server": EST, "hsm_pkey_ids": "1,07", "hsm_cert_ids": "03,9"}
+
+    before = await env.snapshot()
+    assert env.call("POST", path, scope="read", body=body).status == 403
+    dry = env.call("POST", path, scope="rotate", body={**body, "dryrun": True})
+    assert dry.status == 200, dry.body
+    planned = dry.json()
+    assert planned["dryrun"] is True and planned["device"] == device
+    assert planned["file"] == "fio-rotate-certs" and planned["rotation_id"].startswith("certs-")
+    assert planned["on_changed"] == ["/usr/share/certfleet-agent/handlers/renew-client-cert"]
+    after = await env.snapshot()
+    # Only the token's last use moves: a dry run stores nothing.
+    assert {**after, "api_tokens": None} == {**before, "api_tokens": None}
+
+    done = env.call("POST", path, scope="rotate", body=body)
+    assert done.status == 200, done.body
+    result = done.json()
+    assert result["dryrun"] is False
+    assert result["value"] == (
+        f"ESTSERVER={EST}\nROTATIONID={result['rotation_id']}\nPKEYIDS=01,07\nCERTIDS=03,09\n"
+    )
+    async with env.store.transaction() as session:
+        factory = (await factories.get_factory(session, "acme")).id
+        files = await config_files.list_config_files(session, factory, ConfigScope.DEVICE, device)
+        assert [(f.name, f.value) for f in files] == [("fio-rotate-certs", result["value"])]
+        assert not await config_files.list_config_files(session, factory, ConfigScope.DEVICE, other)
+        audited = await session.scalars(
+            select(AuditEntry).where(AuditEntry.target == f"device:{device}")
+        )
+        assert [(a.action, a.actor) for a in audited] == [("config.set", "api:token:2:test-rotate")]
+
+    serial = env.call("GET", f"/v1/devices/{other}", scope="read").json()["cert"]["serial"]
+    deny = {"serial": serial.upper(), "reason": "stolen"}
+    assert env.call("POST", "/v1/denylist", scope="read", body=deny).status == 403
+    answer = env.call("POST", "/v1/denylist", scope="rotate", body=deny)
+    assert answer.status == 200, answer.body
+    assert [(e["serial"], e["device"], e["new"]) for e in answer.json()] == [(serial, other, True)]
+    again = env.call("POST", "/v1/denylist", scope="rotate", body={**deny, "reason": "again"})
+    assert [(e["new"], e["reason"]) for e in again.json()] == [(False, "stolen")]
+    unseen = "ab" * 32
+    foreign = env.call("POST", "/v1/denylist", body={"sha256": unseen, "reason": "seen on a bench"})
+    assert [(e["sha256"], e["device"]) for e in foreign.json()] == [(unseen, None)]
+    async with env.store.transaction() as session:
+        denied = {
+            row.cert_sha256: row.device_uuid for row in await session.scalars(select(DenylistEntry))
+        }
+        assert denied == {answer.json()[0]["sha256"]: other, unseen: None}
+        actors = await session.scalars(
+            select(AuditEntry.actor).where(AuditEntry.action == "denylist.add")
+        )
+        assert sorted(actors) == ["api:token:2:test-rotate", "api:token:3:test-pki-admin"]
+    assert env.call("GET", f"/v1/devices/{other}", scope="read").json()["status"] == "denied"
     env.stop()
 
 
@@ -249,7 +416,45 @@ async def test_openapi_document_is_valid_and_complete(api_env: ApiEnv):  # noqa:
     assert document["paths"]["/v1/devices"]["get"]["x-certfleet-scope"] == "read"
     names = {p["name"] for p in document["paths"]["/v1/devices"]["get"]["parameters"]}
     assert names == {"group", "status", "expiring_within", "limit", "cursor"}
+    _check_written_routes(document["paths"], document["components"]["schemas"])
     env.stop()
+
+
+def _check_written_routes(paths: dict, components: dict) -> None:
+    """Routes that change things list their scope, body and answers; campaigns included."""
+
+    def schema(ref: dict) -> dict:
+        return components[ref["$ref"].rsplit("/", 1)[1]]
+
+    rotate = paths["/v1/devices/{uuid}/rotate-certs"]["post"]
+    assert rotate["x-certfleet-scope"] == "rotate"
+    body = schema(rotate["requestBody"]["content"]["application/json"]["schema"])
+    assert body["required"] == ["reason"] and set(body["properties"]) == {
+        "reason", "est_server", "hsm_pkey_ids", "hsm_cert_ids", "dryrun",
+    }  # fmt: skip
+    answer = schema(rotate["responses"]["200"]["content"]["application/json"]["schema"])
+    assert "rotation_id" in answer["properties"] and {"404", "409"} <= set(rotate["responses"])
+    deny = paths["/v1/denylist"]["post"]
+    assert deny["x-certfleet-scope"] == "rotate"
+    body = schema(deny["requestBody"]["content"]["application/json"]["schema"])
+    assert set(body["properties"]) == {"serial", "sha256", "reason"}
+
+    for action in ("pause", "resume", "abort", "retry-failed"):
+        change = paths[f"/v1/campaigns/{{id}}/{action}"]["post"]
+        assert change["x-certfleet-scope"] == "rotate" and "409" in change["responses"]
+        assert [p["name"] for p in change["parameters"]] == ["id"]
+    create = paths["/v1/campaigns"]["post"]
+    body = schema(create["requestBody"]["content"]["application/json"]["schema"])
+    assert {"group", "all", "reissue_from_ca", "to_ca", "dryrun"} <= set(body["properties"])
+    assert {"200", "201"} <= set(create["responses"])
+    created = schema(create["responses"]["201"]["content"]["application/json"]["schema"])
+    assert {"rotation_id", "counts", "settings"} <= set(created["properties"])
+    listing = paths["/v1/campaigns"]["get"]
+    assert listing["x-certfleet-scope"] == "read"
+    assert [p["name"] for p in listing["parameters"]] == ["limit"]
+    shown = paths["/v1/campaigns/{id}"]["get"]
+    assert [p["name"] for p in shown["parameters"]] == ["id", "devices"]
+    assert schema(shown["responses"]["200"]["content"]["application/json"]["schema"]) == created
 
 
 async def test_extra_routes_get_auth_errors_and_a_document_entry(api_env: ApiEnv):  # noqa: F811

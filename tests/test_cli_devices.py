@@ -67,12 +67,12 @@ def gateway(env: ApiEnv, folder: Path, method: str, path: str, body: object = No
         connection.close()
 
 
-def rotation_events() -> list[dict]:
+def rotation_events(correlation: str = ROTATION, prefix: str = "e") -> list[dict]:
     return [
         {
-            "id": f"e{i}",
+            "id": f"{prefix}{i}",
             "deviceTime": f"2026-11-23T22:10:0{i}Z",
-            "event": {"correlationId": ROTATION, "success": success, "targetName": "lmp-123"},
+            "event": {"correlationId": correlation, "success": success, "targetName": "lmp-123"},
             "eventType": {"id": step},
         }
         for i, (step, success) in enumerate(STEPS)
@@ -145,12 +145,13 @@ async def test_devices_commands_local_and_remote(api_env: ApiEnv, tmp_path):  # 
         "2026-11-23T22:10:04Z : CertRotationCompleted(lmp-123) -> Failed!",
     ]
 
+    _show_renewal_by_the_agent(env, cli, folders["d1"], uuids["d1"])
+
     refused = cli.run(
         "devices", "deny", uuids["d1"], "--reason", "x", remote=True, scope="read", expect=2
     )
     assert "needs a token with scope 'rotate'" in refused.stderr
-    serial = cli.run("devices", "deny", "--serial", "ab", "--reason", "x", remote=True, expect=2)
-    assert "--serial and --sha256 work on the store only" in serial.stderr
+    _deny_by_serial_and_fingerprint(cli, uuids["d3"])
 
     denied = json.loads(
         cli.run("devices", "deny", uuids["d1"], "--reason", "lost", "--json", remote=True).stdout
@@ -179,3 +180,39 @@ async def test_devices_commands_local_and_remote(api_env: ApiEnv, tmp_path):  # 
     table = cli.run("devices", "list", remote=True, scope="read").stdout
     assert uuids["d3"] in table and "denied" in table and uuids["d2"] not in table
     env.stop()
+
+
+def _show_renewal_by_the_agent(env: ApiEnv, cli: Cli, folder: Path, device: str) -> None:
+    """An agent's renewal before expiry (auto-<time>) after an operator rotation is the
+    device's last rotation, in both modes."""
+    renewal = "auto-1795471600"
+    assert gateway(env, folder, "POST", "/events", rotation_events(renewal, "r")[:2]) == 200
+    shown = cli.both_json("devices", "show", device)
+    assert shown["rotation"]["id"] == renewal
+    assert shown["rotation"]["last_step"] == "Generate new certificate"
+    text = cli.run("devices", "show", device, remote=True, scope="read").stdout
+    assert renewal in text and ROTATION not in text
+
+
+def _deny_by_serial_and_fingerprint(cli: Cli, device: str) -> None:
+    """`devices deny --serial/--sha256` through the API prints what local mode prints."""
+    cert = cli.both_json("devices", "show", device)["cert"]
+    serial = ("devices", "deny", "--serial", cert["serial"])
+    line = f"certificate serial {cert['serial']} (sha256 {cert['sha256']}) of device {device}"
+    read = cli.run(*serial, "--reason", "x", remote=True, scope="read", expect=2)
+    assert "needs a token with scope 'rotate'" in read.stderr and "HTTP 403" in read.stderr
+    denied = cli.run(*serial, "--reason", "stolen", remote=True).stdout
+    assert denied == f"denied: {line}\n"
+    again = [cli.run(*serial, "--reason", "x", remote=remote).stdout for remote in (True, False)]
+    assert again == [f"already denied (stolen): {line}\n"] * 2
+    unseen = "cd" * 32
+    by_sha = cli.run("devices", "deny", "--sha256", unseen, "--reason", "bench", remote=True)
+    assert by_sha.stdout == f"denied: certificate (sha256 {unseen})\n"
+    cases = [
+        ("zz", "'zz' is not a certificate serial", 400),
+        ("abcdef", "no certificate with serial abcdef is known", 404),
+    ]
+    for given, message, status in cases:
+        refused = cli.run("devices", "deny", "--serial", given, "--reason", "x", remote=True,
+                          expect=2)  # fmt: skip
+        assert message in refused.stderr and f"HTTP {status}" in refused.stderr, refused.stderr

@@ -1,4 +1,5 @@
-"""Wire names shared by every component: event topics (see docs/gateway.md).
+"""Wire names shared by every component: event topics (see docs/gateway.md) and
+rotation id prefixes.
 
 They live here, not in `events/`, so that components which may not import
 `events/` (the EST server) can still name what they append to the outbox.
@@ -59,6 +60,10 @@ TOPICS = frozenset(
     | ALERTS
     | CAMPAIGN_TOPICS
 )
+
+# Correlation ids of certificate rotations: operator-triggered ones are certs-<unix time>
+# (the fio-rotate-certs file), the agent's renewals before expiry auto-<unix time>.
+ROTATION_PREFIXES = ("certs-", "auto-")
 
 
 def rfc3339(moment: datetime) -> str:

@@ -16,13 +16,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
+from certfleet.refusals import framework_refusal, log_fault, log_refusal, method_not_allowed
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import NotFoundError, StoreError
 
 from . import auth
-from .campaign_routes import campaign_routes
+from .campaign_routes import campaign_endpoints
 from .device_routes import device_endpoints
 from .endpoints import Endpoint
 from .errors import ApiError, bad_request, conflict, not_found, too_large
@@ -63,11 +64,10 @@ def make_api_app(
     else:
         app[_OWNED_STORE_URL] = store
         app.cleanup_ctx.append(_own_store)
-    endpoints = device_endpoints()
+    endpoints = device_endpoints() + campaign_endpoints()
     app[_ENDPOINTS] = endpoints
     app.add_routes([e.route() for e in endpoints])
     app.add_routes(extra_routes or [])
-    app.add_routes(campaign_routes())
     app.router.add_get(OPENAPI_PATH, _openapi, allow_head=False)
     return app
 
@@ -145,16 +145,11 @@ def _request_id(request: web.Request) -> str:
 def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     error = _as_api_error(request, exc)
     if error is None:
-        log.exception(
-            "api %s %s failed (request %s)", request.method, request.path, request[REQUEST_ID]
-        )
-        error = ApiError(
-            500,
-            "internal",
-            f"internal error; the server log has details (request {request[REQUEST_ID]})",
-        )
+        error = ApiError(500, "internal", log_fault(log, "api", request, request[REQUEST_ID]))
     else:
-        _log_refusal(request, error)
+        caller = request.get(CALLER)
+        who = f", token {caller.token_id} '{caller.name}'" if caller else ""
+        log_refusal(log, "api", request, error, who, request[REQUEST_ID])
     body = {"error": error.code, "message": error.message, "request_id": request[REQUEST_ID]}
     response = web.json_response(body, status=error.status, dumps=_dumps)
     response.headers.update(error.headers)
@@ -177,38 +172,16 @@ def _as_api_error(request: web.Request, exc: Exception) -> ApiError | None:
     return None
 
 
-def _log_refusal(request: web.Request, error: ApiError) -> None:
-    caller = request.get(CALLER)
-    who = f", token {caller.token_id} '{caller.name}'" if caller else ""
-    log.info(
-        "api %s %s refused %d %s: %s (peer %s%s, request %s)",
-        request.method,
-        request.path,
-        error.status,
-        error.code,
-        error.message,
-        request.remote,
-        who,
-        request[REQUEST_ID],
-    )
-
-
 def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError:
     """Routing and framework refusals, reworded so a person knows what to change."""
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return ApiError(
-            405,
-            "method",
-            f"{request.path} takes {allowed}, not {request.method}",
-            {hdrs.ALLOW: allowed},
-        )
+        return method_not_allowed(ApiError, request, exc, request.path)
     if isinstance(exc, web.HTTPNotFound):
         return not_found(f"{request.path} is not an API path; see {OPENAPI_PATH} for the paths")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[_MAX_BODY]
         return too_large(f"request body is over this API's limit of {limit} bytes")
-    return ApiError(exc.status, "http", exc.reason)
+    return framework_refusal(ApiError, exc)
 
 
 __all__ = ["Endpoint", "make_api_app"]

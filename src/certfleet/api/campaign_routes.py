@@ -1,7 +1,8 @@
 """Admin API routes of rotation campaigns; thin over certfleet.fleet.campaigns.
 
 GET /v1/campaigns, GET /v1/campaigns/{id} need the scope `read`; creating
-and changing campaigns need `rotate`.
+and changing campaigns need `rotate`. Declared as `Endpoint`s, so the
+OpenAPI document has their parameters and schemas.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from certfleet.fleet import campaigns as fleet
 from certfleet.fleet.campaigns import CampaignSettings, Selector
 from certfleet.fleet.rotate_certs import make_order
 
-from . import params
-from .auth import READ, ROTATE, requires
+from . import params, schemas
+from .auth import READ, ROTATE
+from .endpoints import Endpoint, Handler, Param
 from .errors import bad_request
 from .keys import CALLER, STORE
 
@@ -54,7 +56,6 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=_dumps)
 
 
-@requires(READ)
 async def list_campaigns(request: web.Request) -> web.Response:
     """GET /v1/campaigns?limit=N: newest first."""
     query = params.query(request, ("limit",))
@@ -63,7 +64,6 @@ async def list_campaigns(request: web.Request) -> web.Response:
     return _json({"items": [view.as_dict() for view in found], "next": None})
 
 
-@requires(READ)
 async def show_campaign(request: web.Request) -> web.Response:
     """GET /v1/campaigns/{id}?devices=N: counts per state and the first N devices."""
     query = params.query(request, ("devices",))
@@ -72,7 +72,6 @@ async def show_campaign(request: web.Request) -> web.Response:
     return _json(view.as_dict())
 
 
-@requires(ROTATE)
 async def create_campaign(request: web.Request) -> web.Response:
     """POST /v1/campaigns: 201 with the campaign, or 200 with the plan for "dryrun": true."""
     params.query(request, ())
@@ -102,24 +101,88 @@ async def create_campaign(request: web.Request) -> web.Response:
     return _json(plan.campaign.as_dict(), status=201)
 
 
-@requires(ROTATE)
-async def change_campaign(request: web.Request) -> web.Response:
-    """POST /v1/campaigns/{id}/{pause|resume|abort|retry-failed}."""
-    params.query(request, ())
-    action = ACTIONS.get(request.match_info["action"])
-    if action is None:
-        raise web.HTTPNotFound()
-    view = await action(request.app[STORE], _id(request), actor=request[CALLER].actor)
-    return _json(view.as_dict())
+def _change(action: str) -> Handler:
+    """The handler of POST /v1/campaigns/{id}/<action>."""
+    change = ACTIONS[action]
+
+    async def handler(request: web.Request) -> web.Response:
+        params.query(request, ())
+        view = await change(request.app[STORE], _id(request), actor=request[CALLER].actor)
+        return _json(view.as_dict())
+
+    # A name per action: it is the operation's id in the OpenAPI document.
+    handler.__name__ = handler.__qualname__ = f"{action.replace('-', '_')}_campaign"
+    handler.__doc__ = f"POST /v1/campaigns/{{id}}/{action}."
+    return handler
 
 
-def campaign_routes() -> list[web.RouteDef]:
-    """The campaign routes, for the admin API app."""
+_ACTION_SUMMARIES = {
+    "pause": "Pause a running campaign: nobody new is triggered, triggered devices are watched",
+    "resume": "Resume a paused campaign",
+    "abort": "Abort a campaign for good: pending devices are never triggered",
+    "retry-failed": "Put the failed devices back to pending under a new rotation id; "
+    "the campaign runs again",
+}
+
+
+def campaign_endpoints() -> list[Endpoint]:
+    """The campaign routes, for the admin API app and its OpenAPI document."""
+    one = "/v1/campaigns/{id}"
     return [
-        web.get("/v1/campaigns", list_campaigns, allow_head=False),
-        web.post("/v1/campaigns", create_campaign),
-        web.get("/v1/campaigns/{id}", show_campaign, allow_head=False),
-        web.post("/v1/campaigns/{id}/{action}", change_campaign),
+        Endpoint(
+            "GET",
+            "/v1/campaigns",
+            list_campaigns,
+            READ,
+            "Rotation campaigns, newest first, in one page",
+            schemas.page("Campaign"),
+            query=(
+                Param(
+                    "limit",
+                    "How many, 1 to 1000 (default 50)",
+                    {"type": "integer", "minimum": 1, "maximum": 1000},
+                ),
+            ),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/campaigns",
+            create_campaign,
+            ROTATE,
+            "Create a campaign (201 with it), or with dryrun plan one (200 with the plan)",
+            schemas.ref("CampaignPlan"),
+            body=schemas.ref("CampaignCreateRequest"),
+            errors=(400, 404, 409, 413),
+            answers={201: schemas.ref("Campaign")},
+        ),
+        Endpoint(
+            "GET",
+            one,
+            show_campaign,
+            READ,
+            "One campaign, its counts per state and its first N devices",
+            schemas.ref("Campaign"),
+            query=(
+                Param(
+                    "devices",
+                    "How many of its devices to list, 0 to 10000 (default 0)",
+                    {"type": "integer", "minimum": 0, "maximum": 10000},
+                ),
+            ),
+            errors=(400, 404),
+        ),
+        *(
+            Endpoint(
+                "POST",
+                f"{one}/{action}",
+                _change(action),
+                ROTATE,
+                _ACTION_SUMMARIES[action],
+                schemas.ref("Campaign"),
+                errors=(400, 404, 409),
+            )
+            for action in ACTIONS
+        ),
     ]
 
 

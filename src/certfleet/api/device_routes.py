@@ -8,11 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
-from certfleet.fleet import ca_views, device_views, expiry_report
+from certfleet.fleet import ca_views, denylist_admin, device_views, expiry_report, rotate_certs
 
 from . import params, schemas
 from .auth import READ, ROTATE
 from .endpoints import Endpoint, Param
+from .errors import bad_request
 from .keys import CALLER, STORE
 
 _dumps = partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
@@ -68,6 +69,40 @@ async def deny_device(request: web.Request) -> web.Response:
     return _json([entry.as_dict() for entry in denied])
 
 
+async def rotate_device(request: web.Request) -> web.Response:
+    """POST /v1/devices/{uuid}/rotate-certs: set the device's fio-rotate-certs file."""
+    params.query(request, ())
+    body = await params.json_object(request, {"reason": str}, ROTATE_OPTIONAL)
+    order = rotate_certs.make_order(
+        body.get("est_server"), body.get("hsm_pkey_ids"), body.get("hsm_cert_ids")
+    )
+    done = await rotate_certs.rotate_device(
+        request.app[STORE],
+        request.match_info["uuid"],
+        order,
+        reason=body["reason"],
+        actor=request[CALLER].actor,
+        dryrun=body.get("dryrun", False),
+    )
+    return _json(done.as_dict())
+
+
+async def deny_certificate(request: web.Request) -> web.Response:
+    """POST /v1/denylist {"serial" or "sha256", "reason"}: deny-list one certificate."""
+    params.query(request, ())
+    body = await params.json_object(request, {"reason": str}, {"serial": str, "sha256": str})
+    if ("serial" in body) == ("sha256" in body):
+        raise bad_request("give exactly one of the fields 'serial' and 'sha256'")
+    denied = await denylist_admin.deny(
+        request.app[STORE],
+        reason=body["reason"],
+        actor=request[CALLER].actor,
+        serial=body.get("serial"),
+        sha256=body.get("sha256"),
+    )
+    return _json([entry.as_dict() for entry in denied])
+
+
 async def list_updates(request: web.Request) -> web.Response:
     """GET /v1/devices/{uuid}/updates: one page of a device's updates."""
     query = params.query(request, ("limit", "cursor"))
@@ -119,6 +154,8 @@ async def list_cas(request: web.Request) -> web.Response:
 
 _STATUS = {"type": "string", "enum": list(device_views.STATUSES)}
 _DURATION = {"type": "string", "pattern": "^[0-9]+[smhdw]$", "examples": ["30d"]}
+# Optional body fields of POST /v1/devices/{uuid}/rotate-certs besides "reason".
+ROTATE_OPTIONAL = {"est_server": str, "hsm_pkey_ids": str, "hsm_cert_ids": str, "dryrun": bool}
 LIST_PARAMS = ("group", "status", "expiring_within", "limit", "cursor")
 _PAGING = (
     Param(
@@ -183,11 +220,32 @@ def device_endpoints() -> list[Endpoint]:
             errors=(400, 404, 409, 413),
         ),
         Endpoint(
+            "POST",
+            f"{uuid}/rotate-certs",
+            rotate_device,
+            ROTATE,
+            "Make a device renew its key and certificate: set its fio-rotate-certs config "
+            "file (or, with dryrun, only show it); refused while it changes its key",
+            schemas.ref("RotationTriggered"),
+            body=schemas.ref("RotateRequest"),
+            errors=(400, 404, 409, 413),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/denylist",
+            deny_certificate,
+            ROTATE,
+            "Deny-list one certificate by serial (a stored one) or SHA-256 fingerprint",
+            {"type": "array", "items": schemas.ref("Denied")},
+            body=schemas.ref("DenyCertificateRequest"),
+            errors=(400, 404, 413),
+        ),
+        Endpoint(
             "GET",
             f"{uuid}/updates",
             list_updates,
             READ,
-            "A device's updates, newest first (rotations are certs-<unix time>)",
+            "A device's updates, newest first (rotations: certs-<unix time>, auto-<unix time>)",
             schemas.page("UpdateSummary"),
             query=_PAGING,
             errors=(400, 404),

@@ -35,6 +35,8 @@ class Endpoint:
     body: dict[str, Any] | None = None
     # Client errors the route may answer besides 401/403.
     errors: tuple[int, ...] = (400,)
+    # Success answers other than 200 (e.g. 201), by status, with their schema.
+    answers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def route(self) -> web.RouteDef:
         """The aiohttp route (no automatic HEAD: the document lists what is served)."""

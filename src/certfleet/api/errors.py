@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from certfleet.refusals import Refusal
 
 
-class ApiError(Exception):
+class ApiError(Refusal):
     """A refused request; the message is one line the operator can act on."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 def bad_request(message: str, code: str = "bad-request") -> ApiError:

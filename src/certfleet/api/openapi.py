@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -92,12 +93,13 @@ def _described(endpoint: Endpoint) -> dict[str, Any]:
         "operationId": endpoint.handler.__name__,
         "summary": endpoint.summary,
         "responses": {
-            "200": {
-                "description": "OK",
-                "content": {"application/json": {"schema": endpoint.response}},
-            },
-            **_errors(endpoint.errors, secured),
-        },
+            str(status): {
+                "description": HTTPStatus(status).phrase,
+                "content": {"application/json": {"schema": schema}},
+            }
+            for status, schema in {200: endpoint.response, **endpoint.answers}.items()
+        }
+        | _errors(endpoint.errors, secured),
         "query_parameters": [
             {
                 "name": p.name,

@@ -47,8 +47,13 @@ def integer(name: str, text: str | None, default: int, low: int, high: int) -> i
     return int(text)
 
 
-async def json_object(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
-    """The body as a JSON object with only ``fields`` (all required, of the given types)."""
+async def json_object(
+    request: web.Request, fields: dict[str, type], optional: dict[str, type] | None = None
+) -> dict[str, Any]:
+    """The body as a JSON object with only ``fields`` (all required) and ``optional`` fields,
+    each of the given type."""
+    optional = optional or {}
+    known = {**fields, **optional}
     raw = await request.read()
     try:
         body = json.loads(raw)
@@ -56,14 +61,22 @@ async def json_object(request: web.Request, fields: dict[str, type]) -> dict[str
         raise bad_request(f"the body must be JSON like {_example(fields)}") from exc
     if not isinstance(body, dict):
         raise bad_request(f"the body must be a JSON object like {_example(fields)}")
-    unknown = sorted(set(body) - set(fields))
+    unknown = sorted(set(body) - set(known))
     if unknown:
-        takes = _example(fields)
+        takes = _example(known)
         raise bad_request(f"unknown field(s) {', '.join(unknown)}; the body takes {takes}")
     for name, kind in fields.items():
-        if not isinstance(body.get(name), kind):
+        if not _is(body.get(name), kind):
             raise bad_request(f"field {name!r} is missing or not a {kind.__name__}")
+    for name, kind in optional.items():
+        if name in body and not _is(body[name], kind):
+            raise bad_request(f"field {name!r} must be a {kind.__name__}")
     return body
+
+
+def _is(value: Any, kind: type) -> bool:
+    # JSON true is not a number here, though Python's bool is an int.
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def _example(fields: dict[str, type]) -> str:

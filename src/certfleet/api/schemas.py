@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from certfleet.fleet.device_views import STATUSES
+from certfleet.store.schema import CampaignDeviceState, CampaignStatus
 
 _STR = {"type": "string"}
 _OPT_STR = {"type": ["string", "null"]}
@@ -85,7 +86,95 @@ _OUTLIVED = _object(
     count=_INT,
     latest_not_after=_TIME,
 )
+_SLOTS = {
+    "type": "string",
+    "description": "PKCS#11 keys only: two different hex object ids, the slot in use and "
+    "the next one; give both hsm_pkey_ids and hsm_cert_ids or neither",
+    "examples": ["01,07"],
+}
 _STALE = _object(uuid=_STR, factory=_STR, group=_OPT_STR, last_seen_at=_TIME, not_after=_TIME)
+
+_SPAN = {"type": "string", "pattern": "^[0-9]+[smhdw]$", "examples": ["30m"]}
+_SHARE = {"type": "number", "minimum": 0, "maximum": 1}
+_PER_STATE = {
+    "type": "object",
+    "properties": {state.value: _INT for state in CampaignDeviceState},
+}
+_CAMPAIGN_DEVICE = _object(
+    device=_STR,
+    canary={"type": "boolean"},
+    state={"type": "string", "enum": [state.value for state in CampaignDeviceState]},
+    rotation_id=_OPT_STR,
+    attempts=_INT,
+    triggered_at=_OPT_TIME,
+    detail=_OPT_STR,
+)
+_CAMPAIGN = _object(
+    id=_INT,
+    rotation_id=_STR,
+    status={"type": "string", "enum": [status.value for status in CampaignStatus]},
+    status_reason=_OPT_STR,
+    reason=_STR,
+    selector={
+        "type": "object",
+        "description": "group, all, or reissue_from_ca and to_ca, as created",
+    },
+    settings=_object(
+        canary_share={"type": "number"},
+        rate_per_minute=_INT,
+        failure_threshold={"type": "number"},
+        canary_deadline=_STR,
+        device_deadline=_STR,
+        offline_after=_STR,
+        est_server=_STR,
+        pkey_ids=_OPT_STR,
+        cert_ids=_OPT_STR,
+    ),
+    created_at=_TIME,
+    finished_at=_OPT_TIME,
+    total=_INT,
+    counts=_PER_STATE,
+    canary_counts=_PER_STATE,
+    devices={
+        "type": "array",
+        "items": _CAMPAIGN_DEVICE,
+        "description": "The first N devices with ?devices=N (none in listings)",
+    },
+)
+_CAMPAIGN_CREATE = {
+    "type": "object",
+    "required": ["reason"],
+    "additionalProperties": False,
+    "description": "Devices by exactly one of: group; all: true; reissue_from_ca with to_ca",
+    "properties": {
+        "group": _STR,
+        "all": {"type": "boolean"},
+        "reissue_from_ca": {**_STR, "description": "Devices whose current cert this CA issued"},
+        "to_ca": {**_STR, "description": "The factory's active online CA they move to"},
+        "reason": {"type": "string", "minLength": 1},
+        "est_server": {"type": "string", "description": "https:// EST address devices renew at"},
+        "hsm_pkey_ids": _SLOTS,
+        "hsm_cert_ids": _SLOTS,
+        "canary_share": {**_SHARE, "description": "Share of devices that go first (0.05)"},
+        "rate_per_minute": {"type": "integer", "minimum": 1, "description": "Default 60"},
+        "failure_threshold": {**_SHARE, "description": "Abort above this failed share (0.1)"},
+        "canary_deadline": {**_SPAN, "description": "Default 30m"},
+        "device_deadline": {**_SPAN, "description": "Default 2h"},
+        "offline_after": {**_SPAN, "description": "Default 7d"},
+        "dryrun": {"type": "boolean", "description": "Only choose the devices and show the file"},
+    },
+}
+_CAMPAIGN_PLAN = _object(
+    dryrun={"type": "boolean", "const": True},
+    devices={"type": "array", "items": _STR},
+    canaries={"type": "array", "items": _STR},
+    left_out={
+        "type": "object",
+        "additionalProperties": _INT,
+        "description": "Devices left out: uuid -> the open campaign that has them",
+    },
+    value={**_STR, "description": "The fio-rotate-certs file each device would get"},
+)
 
 COMPONENTS: dict[str, dict[str, Any]] = {
     "Error": {
@@ -114,6 +203,41 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
         "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}},
     },
+    "RotateRequest": {
+        "type": "object",
+        "required": ["reason"],
+        "additionalProperties": False,
+        "properties": {
+            "reason": {"type": "string", "minLength": 1, "description": "Kept in the config log"},
+            "est_server": {
+                "type": "string",
+                "description": "https:// EST address devices renew at, as they reach it",
+                "examples": ["https://est.acme.example:8443/.well-known/est"],
+            },
+            "hsm_pkey_ids": _SLOTS,
+            "hsm_cert_ids": _SLOTS,
+            "dryrun": {"type": "boolean", "description": "Only check and show the file"},
+        },
+    },
+    "RotationTriggered": _object(
+        device=_STR,
+        rotation_id=_STR,
+        file=_STR,
+        value={**_STR, "description": "The file's content, one KEY=VALUE a line"},
+        on_changed={"type": "array", "items": _STR},
+        dryrun={"type": "boolean"},
+    ),
+    "DenyCertificateRequest": {
+        "type": "object",
+        "required": ["reason"],
+        "additionalProperties": False,
+        "description": "Exactly one of serial and sha256",
+        "properties": {
+            "serial": {"type": "string", "pattern": "^(0x)?[0-9a-fA-F:]+$"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-fA-F:]+$"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+        },
+    },
     "UpdateSummary": _object(
         correlation_id=_STR,
         kind=_STR,
@@ -137,6 +261,9 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         ),
         cas_expiring_before_their_certs={"type": "array", "items": _OUTLIVED},
     ),
+    "Campaign": _CAMPAIGN,
+    "CampaignCreateRequest": _CAMPAIGN_CREATE,
+    "CampaignPlan": _CAMPAIGN_PLAN,
     "Ca": _object(
         factory=_STR,
         name=_STR,

@@ -21,7 +21,6 @@ from rich.table import Table
 from rich.text import Text
 
 from certfleet.fleet.campaigns import CampaignSettings, CampaignView, Selector
-from certfleet.fleet.rotate_certs import RotationOrder, make_order
 
 from .api_client import remote_options
 from .campaign_backend import Campaigns, LocalCampaigns, campaigns_from
@@ -155,11 +154,6 @@ def settings_of(values: dict[str, Any]) -> CampaignSettings:
         device_deadline=values["device_deadline"],
         offline_after=values["offline_after"],
     )
-
-
-def order_of(values: dict[str, Any]) -> RotationOrder:
-    """The rotation order from the options of `order_options`."""
-    return make_order(values["est_server"], values["hsm_pkey_ids"], values["hsm_cert_ids"])
 
 
 def create_and_report(

@@ -11,18 +11,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from certfleet.fleet import denylist_admin
 from certfleet.fleet.device_views import STATUSES, timeline_line
 
-from .common import (
-    CertfleetGroup,
-    console,
-    print_json,
-    run,
-)
-from .fleet_backend import LocalFleet, all_devices, all_updates, fleet_from, fleet_options
-
-ACTOR = "cli"
+from .common import CertfleetGroup, console, print_json
+from .fleet_backend import all_devices, all_updates, fleet_from, fleet_options
 
 
 def _day(moment: str | None) -> str:
@@ -171,12 +163,8 @@ def deny(
     if sum(x is not None for x in (device, serial, sha256)) != 1:
         raise click.UsageError("give exactly one of UUID, --serial S or --sha256 F")
     fleet = fleet_from(where)
-    if isinstance(fleet, LocalFleet):
-        denied = [
-            entry.as_dict() for entry in _deny_locally(fleet.url, device, serial, sha256, reason)
-        ]
-    elif device is None:
-        raise click.UsageError("--serial and --sha256 work on the store only: add --local")
+    if device is None:
+        denied = fleet.deny_certificate(reason, serial, sha256)
     else:
         denied = fleet.deny(device, reason)
     if as_json:
@@ -189,26 +177,12 @@ def deny(
         click.echo(f"{state}: certificate {what}(sha256 {entry['sha256']}){owner}")
 
 
-def _deny_locally(
-    url: str, device: str | None, serial: str | None, sha256: str | None, reason: str
-) -> list[denylist_admin.Denied]:
-    return run(
-        denylist_admin.deny,
-        url,
-        reason=reason,
-        actor=ACTOR,
-        serial=serial,
-        sha256=sha256,
-        device=device,
-    )
-
-
 @devices.command("updates")
 @click.argument("device", metavar="UUID")
 @click.argument("correlation_id", metavar="[ID]", required=False)
 @fleet_options
 def updates(device: str, correlation_id: str | None, as_json: bool, **where: Any) -> None:
-    """A device's updates (rotations are certs-<unix time>), or the events of update ID.
+    """A device's updates (rotations are certs-<time> or auto-<time>), or the events of update ID.
 
     The events print as `<time> : <step>(<target>) -> Succeed|Failed!`.
     """

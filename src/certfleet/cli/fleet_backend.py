@@ -12,13 +12,15 @@ from typing import Any, Protocol
 
 import click
 
-from certfleet.fleet import device_views, expiry_report
+from certfleet.fleet import denylist_admin, device_views, expiry_report, rotate_certs
 
 from .api_client import ApiClient, Remote, quote, remote_options, resolve_remote
 from .common import database_option, parse_duration, pki_option, run, store_url, with_store
 
 ACTOR = "cli"
 PAGE = 500
+# What a device is told to rotate, as given: est_server, hsm_pkey_ids, hsm_cert_ids.
+Order = dict[str, str | None]
 
 
 class Fleet(Protocol):
@@ -28,6 +30,10 @@ class Fleet(Protocol):
     def device(self, uuid: str) -> dict: ...
     def delete(self, uuid: str, reason: str) -> dict: ...
     def deny(self, uuid: str, reason: str) -> list[dict]: ...
+    def deny_certificate(
+        self, reason: str, serial: str | None, sha256: str | None
+    ) -> list[dict]: ...
+    def rotate(self, uuid: str, order: Order, reason: str, dryrun: bool) -> dict: ...
     def updates_page(self, uuid: str, cursor: str | None, limit: int) -> dict: ...
     def timeline(self, uuid: str, correlation_id: str) -> dict: ...
     def expiry(self, not_seen: str | None, renewal_window: str | None) -> dict: ...
@@ -67,6 +73,21 @@ class LocalFleet:
         denied = self._run(device_views.deny_device, uuid, actor=ACTOR, reason=reason)
         return [entry.as_dict() for entry in denied]
 
+    def deny_certificate(self, reason: str, serial: str | None, sha256: str | None) -> list[dict]:
+        denied = self._run(
+            denylist_admin.deny, reason=reason, actor=ACTOR, serial=serial, sha256=sha256
+        )
+        return [entry.as_dict() for entry in denied]
+
+    def rotate(self, uuid: str, order: Order, reason: str, dryrun: bool) -> dict:
+        checked = rotate_certs.make_order(
+            order["est_server"], order["hsm_pkey_ids"], order["hsm_cert_ids"]
+        )
+        done = self._run(
+            rotate_certs.rotate_device, uuid, checked, reason=reason, actor=ACTOR, dryrun=dryrun
+        )
+        return done.as_dict()
+
     def updates_page(self, uuid: str, cursor: str | None, limit: int) -> dict:
         page = self._run(device_views.list_updates, uuid, limit=limit, cursor=cursor)
         return page.as_dict()
@@ -103,6 +124,14 @@ class RemoteFleet:
     def deny(self, uuid: str, reason: str) -> list[dict]:
         return self.api.call("POST", f"/v1/devices/{quote(uuid)}/deny", body={"reason": reason})
 
+    def deny_certificate(self, reason: str, serial: str | None, sha256: str | None) -> list[dict]:
+        body = _given({"reason": reason, "serial": serial, "sha256": sha256})
+        return self.api.call("POST", "/v1/denylist", body=body)
+
+    def rotate(self, uuid: str, order: Order, reason: str, dryrun: bool) -> dict:
+        body = _given({**order, "reason": reason, "dryrun": dryrun or None})
+        return self.api.call("POST", f"/v1/devices/{quote(uuid)}/rotate-certs", body=body)
+
     def updates_page(self, uuid: str, cursor: str | None, limit: int) -> dict:
         query = {"cursor": cursor, "limit": limit}
         return self.api.call("GET", f"/v1/devices/{quote(uuid)}/updates", query=query)
@@ -114,6 +143,11 @@ class RemoteFleet:
     def expiry(self, not_seen: str | None, renewal_window: str | None) -> dict:
         query = {"not_seen": not_seen, "renewal_window": renewal_window}
         return self.api.call("GET", "/v1/reports/expiry", query=query)
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    # The API refuses null for an optional field; leave it out instead.
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def pick_fleet(

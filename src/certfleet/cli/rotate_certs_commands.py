@@ -2,22 +2,24 @@
 
 One device gets its `fio-rotate-certs` file at once; a group becomes a
 campaign (canaries first, then waves), like `certfleet campaigns create`.
+Both work on the store or, when a server is configured, through the admin API.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from certfleet.fleet import rotate_certs
 from certfleet.fleet.campaigns import Selector
 
-from .campaign_commands import campaign_options, create_and_report, order_of, order_options
-from .common import CertfleetGroup, database_option, pki_option, print_json, run, store_url
+from .campaign_backend import campaigns_from
+from .campaign_commands import campaign_options, campaign_where, create_and_report, order_options
+from .common import CertfleetGroup, print_json
+from .fleet_backend import fleet_from, fleet_options
 
-ACTOR = "cli"
+# The options of `order_options`, passed on as given (the fleet checks them).
+ORDER_OPTIONS = ("est_server", "hsm_pkey_ids", "hsm_cert_ids")
 
 
 @click.group("config", cls=CertfleetGroup)
@@ -30,46 +32,29 @@ def device_config() -> None:
 @click.option("--reason", required=True, help="Why; kept in the config log.")
 @order_options
 @click.option("--dryrun", is_flag=True, help="Show the file that would be set; change nothing.")
-@pki_option
-@database_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def rotate_device(
-    device: str,
-    reason: str,
-    dryrun: bool,
-    pki_dir: Path,
-    database: str | None,
-    as_json: bool,
-    **values: Any,
-) -> None:
+@fleet_options
+def rotate_device(device: str, reason: str, dryrun: bool, as_json: bool, **values: Any) -> None:
     """Make device UUID renew its key and certificate now (sets fio-rotate-certs).
 
     Refused while the device is in the middle of a key change.
     """
-    done = run(
-        rotate_certs.rotate_device,
-        store_url(pki_dir, database),
-        device,
-        order_of(values),
-        reason=reason,
-        actor=ACTOR,
-        dryrun=dryrun,
-    )
+    order = {name: values.pop(name) for name in ORDER_OPTIONS}
+    done = fleet_from(values).rotate(device, order, reason, dryrun)
     if as_json:
-        print_json(done.as_dict())
+        print_json(done)
         return
     verb = "dry run: would set" if dryrun else "set"
+    handlers = ", ".join(done["on_changed"])
     click.echo(
-        f"{verb} config file {rotate_certs.ROTATE_FILE} for device {done.device} "
-        f"(on change: {rotate_certs.HANDLER}):"
+        f"{verb} config file {done['file']} for device {done['device']} (on change: {handlers}):"
     )
-    click.echo("".join(f"  {line}\n" for line in done.order.value().splitlines()), nl=False)
+    click.echo("".join(f"  {line}\n" for line in done["value"].splitlines()), nl=False)
     if dryrun:
         click.echo("nothing was changed")
     else:
         click.echo(
-            f"rotation {done.order.rotation_id} starts when the device next fetches its config; "
-            f"follow it with: certfleet events tail --device {done.device}"
+            f"rotation {done['rotation_id']} starts when the device next fetches its config; "
+            f"follow it with: certfleet events tail --device {done['device']}"
         )
 
 
@@ -80,26 +65,25 @@ def rotate_device(
 @order_options
 @click.option("--dryrun", is_flag=True, help="Show the devices and the file; change nothing.")
 @click.option("--factory", help="Factory name; needed only when the store holds several.")
-@pki_option
-@database_option
+@campaign_where
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def group_rotate_certs(
     group: str,
     reason: str,
     dryrun: bool,
     factory: str | None,
-    pki_dir: Path,
-    database: str | None,
     as_json: bool,
     **values: Any,
 ) -> None:
-    """Rotate every device of group G as a campaign: canaries first, then waves."""
+    """Rotate every device of group G as a campaign: canaries first, then waves.
+
+    In remote mode this is POST /v1/campaigns with {"group": G}, as `campaigns create --group`.
+    """
     create_and_report(
-        store_url(pki_dir, database),
+        campaigns_from(values, factory),
         Selector(group=group),
         values,
         reason=reason,
-        factory=factory,
         dryrun=dryrun,
         as_json=as_json,
     )

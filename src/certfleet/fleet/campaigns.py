@@ -28,7 +28,7 @@ import datetime as dt
 import hashlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ from certfleet.store import audit, cas, factories, outbox
 from certfleet.store import campaigns as rows
 from certfleet.store.authorities import issuing_online_ca
 from certfleet.store.campaigns import ActiveDevice, PendingDevice
-from certfleet.store.engine import Store, open_store
+from certfleet.store.engine import Store
+from certfleet.store.engine import opened as use_store
 from certfleet.store.errors import NotFoundError, StoreError
 from certfleet.store.schema import (
     Ca,
@@ -65,6 +66,10 @@ LATE = "no new certificate within"
 
 class CampaignError(StoreError):
     """An operator request about a campaign cannot be done; the message says why."""
+
+
+class UnknownCampaign(CampaignError, NotFoundError):
+    """No campaign has this id (the API answers 404)."""
 
 
 class CampaignStateError(CampaignError):
@@ -185,19 +190,6 @@ class Plan:
     campaign: CampaignView | None
 
 
-@contextlib.asynccontextmanager
-async def _opened(store: Store | str) -> AsyncIterator[Store]:
-    """An open store as given (the API's), or one opened on a URL for a command."""
-    if isinstance(store, Store):
-        yield store
-        return
-    opened = await open_store(store, upgrade=True)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 # -- operator actions ---------------------------------------------------------------------
 
 
@@ -221,7 +213,7 @@ async def create_campaign(
     settings.check()
     if not reason.strip():
         raise CampaignError("give a --reason: it is kept with the campaign")
-    async with _opened(store) as opened, opened.transaction() as session:
+    async with use_store(store) as opened, opened.transaction() as session:
         fact = await factories.resolve_factory(session, factory)
         from_ca, to_ca = await _breach_cas(session, fact.id, selector)
         chosen = await rows.select_devices(
@@ -271,7 +263,7 @@ async def list_campaigns(
     store: Store | str, *, factory: str | None = None, limit: int = 50
 ) -> list[CampaignView]:
     """Campaigns, newest first, with their counts."""
-    async with _opened(store) as opened, opened.transaction() as session:
+    async with use_store(store) as opened, opened.transaction() as session:
         fact = await factories.resolve_factory(session, factory)
         found = await rows.list_campaigns(session, factory_id=fact.id, limit=limit)
         counts = await rows.state_counts(session, [c.id for c in found])
@@ -280,7 +272,7 @@ async def list_campaigns(
 
 async def show_campaign(store: Store | str, campaign_id: int, *, devices: int = 0) -> CampaignView:
     """One campaign with its counts and (up to ``devices``) its devices."""
-    async with _opened(store) as opened:
+    async with use_store(store) as opened:
         return await campaign_view(opened, campaign_id, devices=devices)
 
 
@@ -330,7 +322,7 @@ async def abort(store: Store | str, campaign_id: int, *, actor: str, why: str = 
 
 async def retry_failed(store: Store | str, campaign_id: int, *, actor: str) -> CampaignView:
     """Failed devices go back to pending under a new rotation id; the campaign runs again."""
-    async with _opened(store) as opened, opened.transaction() as session:
+    async with use_store(store) as opened, opened.transaction() as session:
         campaign = await _campaign(session, campaign_id, lock=True)
         newest = await rows.newest_rotation_id(session, campaign.id)
         rotation = rotate_certs.next_rotation_id(max(newest or "", campaign.rotation_id))
@@ -356,7 +348,7 @@ async def _transition(
     allowed: tuple[CampaignStatus, ...],
     why: str | None = None,
 ) -> CampaignView:
-    async with _opened(store) as opened, opened.transaction() as session:
+    async with use_store(store) as opened, opened.transaction() as session:
         campaign = await _campaign(session, campaign_id, lock=True)
         if campaign.status not in allowed:
             raise CampaignStateError(
@@ -641,7 +633,9 @@ async def _campaign(session: AsyncSession, campaign_id: int, *, lock: bool = Fal
     try:
         return await rows.get_campaign(session, campaign_id, lock=lock)
     except NotFoundError as exc:
-        raise CampaignError(f"no campaign {campaign_id} (see `certfleet campaigns list`)") from exc
+        raise UnknownCampaign(
+            f"no campaign {campaign_id} (see `certfleet campaigns list`)"
+        ) from exc
 
 
 def _set_status(

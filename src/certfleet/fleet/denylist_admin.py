@@ -1,4 +1,5 @@
-"""Operator deny-listing: a certificate by serial or fingerprint, or every active one of a device.
+"""Operator deny-listing of one certificate, by serial or fingerprint (every active one of a
+device: `device_views.deny_device`).
 
 Every gateway process polls the deny-list and refuses a denied certificate
 within about a second (see `certfleet.gateway.denylist_cache`).
@@ -6,23 +7,22 @@ within about a second (see `certfleet.gateway.denylist_cache`).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import re
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.events import names
-from certfleet.store import audit, certificates, denylist, devices, outbox
-from certfleet.store.engine import Store, open_store
+from certfleet.store import audit, certificates, denylist, outbox
+from certfleet.store.engine import Store, opened
 from certfleet.store.errors import NotFoundError, StoreError
-from certfleet.store.schema import Certificate, CertStatus
+from certfleet.store.schema import Certificate
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# RFC 5280: at most 20 octets.
+_SERIAL = re.compile(r"[0-9a-f]{1,40}")
 
 
 @dataclass(frozen=True)
@@ -46,37 +46,36 @@ class Denied:
         }
 
 
-@contextlib.asynccontextmanager
-async def _store(url: str) -> AsyncIterator[Store]:
-    store = await open_store(url, upgrade=True)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def deny(
-    db_url: str,
+    store: Store | str,
     *,
     reason: str,
     actor: str,
     serial: str | None = None,
     sha256: str | None = None,
-    device: str | None = None,
 ) -> list[Denied]:
-    """Deny-list one certificate (by serial or SHA-256) or all active ones of a device."""
-    if sum(x is not None for x in (serial, sha256, device)) != 1:
-        raise StoreError("name exactly one of: a serial, a SHA-256 fingerprint, a device uuid")
-    if not reason.strip():
-        raise StoreError("give a --reason: it is kept with the deny-list entry")
-    async with _store(db_url) as store, store.transaction() as session:
+    """Deny-list one certificate, by serial or SHA-256 (a list, as for a device's).
+
+    ``store`` is an open store or a URL. NotFoundError for a serial the store never saw.
+    """
+    if (serial is None) == (sha256 is None):
+        raise StoreError("name exactly one of: a serial, a SHA-256 fingerprint")
+    reason = checked_reason(reason)
+    async with opened(store) as ready, ready.transaction() as session:
         if sha256 is not None:
-            targets = [await _by_sha256(session, sha256)]
-        elif serial is not None:
-            targets = [await _by_serial(session, serial)]
+            target = await _by_sha256(session, sha256)
         else:
-            targets = await _by_device(session, device or "")
-        return [await _deny(session, target, reason, actor) for target in targets]
+            target = await _by_serial(session, serial or "")
+        return [await deny_in(session, target, reason, actor)]
+
+
+def checked_reason(reason: str) -> str:
+    """The reason of a deny-listing or deletion, stripped; StoreError unless 1 to 1000
+    printable characters (it goes into the log and events)."""
+    reason = (reason or "").strip()
+    if not reason or len(reason) > 1000 or not reason.isprintable():
+        raise StoreError("give a reason of 1 to 1000 printable characters; it is kept in the log")
+    return reason
 
 
 async def _by_sha256(session: AsyncSession, sha256: str) -> Certificate | str:
@@ -91,9 +90,13 @@ async def _by_sha256(session: AsyncSession, sha256: str) -> Certificate | str:
 
 
 async def _by_serial(session: AsyncSession, serial: str) -> Certificate:
-    rows = await certificates.find_by_serial(session, serial.replace(":", "").strip())
+    # Serials are stored as lowercase hex; "0x" and colons are how people copy them.
+    wanted = serial.replace(":", "").strip().lower().removeprefix("0x")
+    if not _SERIAL.fullmatch(wanted):
+        raise StoreError(f"{serial!r} is not a certificate serial (1 to 40 hex digits)")
+    rows = await certificates.find_by_serial(session, wanted)
     if not rows:
-        raise StoreError(
+        raise NotFoundError(
             f"no certificate with serial {serial} is known; deny it by --sha256 instead"
         )
     if len(rows) > 1:
@@ -102,22 +105,11 @@ async def _by_serial(session: AsyncSession, serial: str) -> Certificate:
     return rows[0]
 
 
-async def _by_device(session: AsyncSession, device: str) -> list[Certificate]:
-    try:
-        device_uuid = str(uuid.UUID(device))
-        await devices.get_device(session, device_uuid, include_deleted=True)
-    except (ValueError, NotFoundError) as exc:
-        raise StoreError(f"no device {device}") from exc
-    rows = await certificates.list_device_certificates(session, device_uuid)
-    active = [row for row in rows if row.status == CertStatus.ACTIVE]
-    if not active:
-        raise StoreError(f"device {device_uuid} has no active certificate to deny")
-    return active
-
-
-async def _deny(
+async def deny_in(
     session: AsyncSession, target: Certificate | str, reason: str, actor: str
 ) -> Denied:
+    """Deny-list a stored certificate (or a bare fingerprint) in the caller's transaction,
+    with a DENYLIST_ADDED event and an audit entry the first time."""
     if isinstance(target, str):
         sha256, serial, device_uuid = target, None, None
     else:

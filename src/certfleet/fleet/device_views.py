@@ -16,8 +16,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.events import names
+from certfleet.fleet import denylist_admin
 from certfleet.fleet.denylist_admin import Denied
-from certfleet.store import audit, certificates, denylist, device_queries, devices, outbox, updates
+from certfleet.protocol import ROTATION_PREFIXES
+from certfleet.store import audit, certificates, device_queries, devices, outbox, updates
 from certfleet.store.device_queries import DeviceFilter, DeviceRow, DeviceState
 from certfleet.store.engine import Store
 from certfleet.store.errors import NotFoundError, StoreError
@@ -25,7 +27,6 @@ from certfleet.store.schema import CertStatus, UpdateEvent, utcnow
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-ROTATION_PREFIX = "certs-"
 STATUSES = tuple(state.value for state in DeviceState)
 
 
@@ -166,13 +167,14 @@ async def _row(session: AsyncSession, uuid: str) -> DeviceRow:
 
 
 async def show_device(store: Store, uuid: str) -> dict[str, Any]:
-    """A device with its current certificate, lock, last rotation and certificate count."""
+    """A device with its current certificate, lock, last rotation (operator-triggered
+    `certs-…` or the agent's `auto-…` renewal) and certificate count."""
     now = utcnow()
     async with store.transaction() as session:
         row = await _row(session, uuid)
         count = await device_queries.count_device_certificates(session, row.device.uuid)
         rotation = await device_queries.latest_update(
-            session, row.device.uuid, prefix=ROTATION_PREFIX
+            session, row.device.uuid, prefixes=ROTATION_PREFIXES
         )
     return {
         **summary(row, now),
@@ -201,7 +203,7 @@ async def delete_device(store: Store, uuid: str, *, actor: str, reason: str) -> 
     The device's rows and history stay; it is refused on every later request
     and its uuid cannot be registered again.
     """
-    reason = _checked_reason(reason)
+    reason = denylist_admin.checked_reason(reason)
     async with store.transaction() as session:
         row = await _row(session, uuid)
         if row.device.deleted_at is not None:
@@ -235,7 +237,7 @@ async def _lock_live(session: AsyncSession, uuid: str) -> None:
 
 async def deny_device(store: Store, uuid: str, *, actor: str, reason: str) -> list[Denied]:
     """Deny-list every active certificate of a device (deleted devices too)."""
-    reason = _checked_reason(reason)
+    reason = denylist_admin.checked_reason(reason)
     async with store.transaction() as session:
         row = await _row(session, uuid)
         denied = await _deny_active(session, row.device.uuid, reason, actor)
@@ -244,51 +246,18 @@ async def deny_device(store: Store, uuid: str, *, actor: str, reason: str) -> li
         return denied
 
 
-def _checked_reason(reason: str) -> str:
-    reason = (reason or "").strip()
-    if not reason or len(reason) > 1000 or not reason.isprintable():
-        raise StoreError("give a reason of 1 to 1000 printable characters; it is kept in the log")
-    return reason
-
-
 async def _deny_active(session: AsyncSession, uuid: str, reason: str, actor: str) -> list[Denied]:
-    """Deny-list the device's active certificates, with the same event and audit entry
-    as `certfleet devices deny` (see fleet.denylist_admin)."""
-    result = []
-    for cert in await certificates.list_device_certificates(session, uuid):
-        if cert.status != CertStatus.ACTIVE:
-            continue
-        new = not await denylist.is_denied(session, cert.sha256)
-        entry = await denylist.add_denied(
-            session, cert.sha256, reason=reason, serial=cert.serial, device_uuid=uuid
-        )
-        if new:
-            await _announce_denied(session, cert.sha256, cert.serial, uuid, reason, actor)
-        result.append(Denied(cert.sha256, cert.serial, uuid, entry.reason, new))
-    return result
-
-
-async def _announce_denied(
-    session: AsyncSession, sha256: str, serial: str, uuid: str, reason: str, actor: str
-) -> None:
-    payload = {
-        "sha256": sha256,
-        "serial": serial,
-        "uuid": uuid,
-        "reason": reason,
-        "time": names.rfc3339(utcnow()),
-    }
-    await outbox.append_event(session, names.DENYLIST_ADDED, payload, device_uuid=uuid)
-    details = {"sha256": sha256, "serial": serial, "reason": reason}
-    await audit.append_audit(
-        session, actor=actor, action="denylist.add", target=uuid, details=details
-    )
+    """Deny-list the device's active certificates, as `certfleet devices deny --serial` would
+    each one."""
+    found = await certificates.list_device_certificates(session, uuid)
+    active = [cert for cert in found if cert.status == CertStatus.ACTIVE]
+    return [await denylist_admin.deny_in(session, cert, reason, actor) for cert in active]
 
 
 async def list_updates(
     store: Store, uuid: str, *, limit: int = DEFAULT_PAGE, cursor: str | None = None
 ) -> Page:
-    """One page of a device's updates (rotations are `certs-...`), newest first, with
+    """One page of a device's updates (rotations are `certs-…` or `auto-…`), newest first, with
     event counts; pass the returned `next` to get the following page."""
     _check_limit(limit)
     before = decode_cursor(cursor, int) if cursor else None

@@ -13,11 +13,9 @@ change (config locked) gets no new rotation.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import re
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from certfleet.fleet import config_admin
 from certfleet.store import config_files, devices
 from certfleet.store.config_files import ConfigValue
-from certfleet.store.engine import Store, open_store
+from certfleet.store.engine import Store, opened
 from certfleet.store.errors import NotFoundError, StoreError
 from certfleet.store.schema import ConfigScope, Device
 
@@ -138,22 +136,23 @@ def make_order(
     return RotationOrder(check_est_server(est_server), rotation or rotation_id(), pkeys, certs)
 
 
-@contextlib.asynccontextmanager
-async def _store(url: str) -> AsyncIterator[Store]:
-    store = await open_store(url, upgrade=True)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def rotate_device(
-    db_url: str, device: str, order: RotationOrder, *, reason: str, actor: str, dryrun: bool = False
+    store: Store | str,
+    device: str,
+    order: RotationOrder,
+    *,
+    reason: str,
+    actor: str,
+    dryrun: bool = False,
 ) -> Triggered:
-    """Set `fio-rotate-certs` for one device; with ``dryrun`` only check and report."""
+    """Set `fio-rotate-certs` for one device; with ``dryrun`` only check and report.
+
+    ``store`` is an open store or a URL. NotFoundError for an unknown or deleted
+    device, ConfigLockedError (409) for one in the middle of a key change.
+    """
     if not reason.strip():
         raise StoreError("give a --reason: it is kept in the config log")
-    async with _store(db_url) as store, store.transaction() as session:
+    async with opened(store) as ready, ready.transaction() as session:
         row = await _live_device(session, device)
         check_not_rotating(row)
         order = await _after_previous(session, row, order)
@@ -221,4 +220,4 @@ async def _live_device(session: AsyncSession, device: str) -> Device:
     try:
         return await devices.get_device(session, device_uuid)
     except NotFoundError as exc:
-        raise StoreError(f"no device {device_uuid} (or it was deleted)") from exc
+        raise NotFoundError(f"no device {device_uuid} (or it was deleted)") from exc

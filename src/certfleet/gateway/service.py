@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.events import names
 from certfleet.pki.authority import FactoryAuthority
+from certfleet.protocol import ROTATION_PREFIXES
 from certfleet.store import audit, config_files, devices, outbox, updates
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.engine import Store
@@ -41,8 +42,6 @@ Work = Callable[[AsyncSession, DeviceIdentity], Awaitable[T]]
 
 # The operator's config commands read when the lock began from this audit action.
 NEXT_KEY_ACTION = "device.next-key"
-# Operator-triggered rotations are certs-<time>; device-initiated renewals auto-<time>.
-ROTATION_PREFIXES = ("certs-", "auto-")
 ROTATION_COMPLETED = "CertRotationCompleted"
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.store.schema import (
@@ -139,12 +139,15 @@ async def count_device_certificates(session: AsyncSession, uuid: str) -> int:
 
 
 async def latest_update(
-    session: AsyncSession, uuid: str, *, prefix: str = ""
+    session: AsyncSession, uuid: str, *, prefixes: tuple[str, ...] = ()
 ) -> tuple[Update, UpdateEvent | None] | None:
-    """A device's newest update whose correlation id starts with ``prefix``, and its last event."""
+    """A device's newest update whose correlation id starts with one of ``prefixes`` (any
+    update if none are given), and its last event."""
     query = select(Update).where(Update.device_uuid == uuid)
-    if prefix:
-        query = query.where(Update.correlation_id.startswith(prefix, autoescape=True))
+    if prefixes:
+        query = query.where(
+            or_(*(Update.correlation_id.startswith(p, autoescape=True) for p in prefixes))
+        )
     update = await session.scalar(query.order_by(Update.id.desc()).limit(1))
     if update is None:
         return None

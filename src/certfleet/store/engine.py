@@ -91,6 +91,20 @@ async def open_store(url: str, *, upgrade: bool = False) -> Store:
     return store
 
 
+@asynccontextmanager
+async def opened(store: Store | str) -> AsyncIterator[Store]:
+    """An open store as given (the admin API's), or one opened and migrated on a URL for
+    a command and closed afterwards: operator actions take either."""
+    if isinstance(store, Store):
+        yield store
+        return
+    own = await open_store(store, upgrade=True)
+    try:
+        yield own
+    finally:
+        await own.close()
+
+
 def _open_hot_path(db: DatabaseUrl, engine: AsyncEngine) -> HotPath:
     if db.is_sqlite:
         hot = SqliteHotPath(db.sqlite_path)
