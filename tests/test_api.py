@@ -187,6 +187,7 @@ def _bad_inputs(live: str, deleted: str, locked: str) -> list[tuple[str, str, di
         *_bad_rotations(live, deleted, locked, unknown),
         *_bad_denials(),
         *_bad_campaign_inputs(),
+        *_bad_config_inputs(live, deleted, locked),
     ]
 
 
@@ -305,6 +306,44 @@ def _bad_campaign_inputs() -> list[tuple[str, str, dict, int, str]]:
         ("POST", "/v1/campaigns/999/pause", {}, 404, "no campaign 999"),
         ("POST", "/v1/campaigns/1/explode", {}, 404, "is not an API path"),
         ("POST", "/v1/campaigns", {"body": {"group": "lab", "colour": 1}}, 400, "unknown field"),
+    ]
+
+
+def _bad_config_inputs(
+    live: str, deleted: str, locked: str
+) -> list[tuple[str, str, dict, int, str]]:
+    """POST /v1/config, GET /v1/config/log and POST /v1/devices/{uuid}/group."""
+
+    def put(**fields: object) -> dict:
+        return {
+            "body": {"scope": "group", "key": "lab", "files": {"a": "b"}, "reason": "r", **fields}
+        }
+
+    move = f"/v1/devices/{live}/group"
+    return [
+        ("POST", "/v1/config", put(scope="fleet"), 400, "scope 'fleet' is not one of"),
+        ("POST", "/v1/config", put(scope="factory"), 400, "give 'key' (the group or device"),
+        ("POST", "/v1/config", put(key=None), 400, "field 'key' must be a str"),
+        ("POST", "/v1/config", put(files={}), 400, "give at least one NAME=VALUE"),
+        ("POST", "/v1/config", put(files={"a/b": "c"}), 400, "a/b"),
+        ("POST", "/v1/config", put(files={"a": 1}), 400, "file 'a': its value must be a string"),
+        ("POST", "/v1/config", put(files=["a"]), 400, "field 'files' is missing or not a dict"),
+        ("POST", "/v1/config", put(on_changed=[""]), 400, "'on_changed' must be a list"),
+        ("POST", "/v1/config", put(reason=" "), 400, "give a --reason"),
+        ("POST", "/v1/config", put(colour=1), 400, "unknown field(s) colour"),
+        ("POST", "/v1/config", put(scope="device", key=deleted), 404, deleted),
+        ("POST", "/v1/config", put(scope="device", key=locked), 409, "is rotating its key"),
+        ("GET", "/v1/config/log?limit=0", {}, 400, "limit='0' must be a whole number"),
+        ("GET", f"/v1/config/log?device={live}&group=lab", {}, 400, "not both"),
+        ("POST", move, {"body": {"group": "x" * 129, "reason": "r"}}, 400, "at most 128"),
+        ("POST", move, {"body": {"reason": "r"}}, 400, "field 'group' is missing"),
+        (
+            "POST",
+            f"/v1/devices/{deleted}/group",
+            {"body": {"group": "g", "reason": "r"}},
+            404,
+            deleted,
+        ),
     ]
 
 

@@ -50,8 +50,10 @@ def register(env: ApiEnv, folder: Path, group: str) -> str:
     return done.stdout.strip()
 
 
-def gateway(env: ApiEnv, folder: Path, method: str, path: str, body: object = None) -> int:
-    """One request as the device in ``folder`` makes it; the status."""
+def _device_request(
+    env: ApiEnv, folder: Path, method: str, path: str, body: object = None
+) -> tuple[int, bytes]:
+    """One request as the device in ``folder`` makes it: status and body."""
     context = ssl.create_default_context(cafile=str(env.pki / "root.crt"))
     context.load_cert_chain(folder / "client.pem", folder / "pkey.pem")
     connection = http.client.HTTPSConnection(
@@ -61,10 +63,21 @@ def gateway(env: ApiEnv, folder: Path, method: str, path: str, body: object = No
         data = json.dumps(body).encode() if body is not None else None
         connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        response.read()
-        return response.status
+        return response.status, response.read()
     finally:
         connection.close()
+
+
+def gateway(env: ApiEnv, folder: Path, method: str, path: str, body: object = None) -> int:
+    """One request as the device in ``folder`` makes it; the status."""
+    return _device_request(env, folder, method, path, body)[0]
+
+
+def gateway_json(env: ApiEnv, folder: Path, path: str) -> dict:
+    """GET ``path`` as the device in ``folder``; the JSON answer (200 expected)."""
+    status, body = _device_request(env, folder, "GET", path)
+    assert status == 200, body
+    return json.loads(body)
 
 
 def rotation_events(correlation: str = ROTATION, prefix: str = "e") -> list[dict]:

@@ -24,6 +24,7 @@ from certfleet.store.errors import NotFoundError, StoreError
 
 from . import auth
 from .campaign_routes import campaign_endpoints
+from .config_routes import config_endpoints
 from .device_routes import device_endpoints
 from .endpoints import Endpoint
 from .errors import ApiError, bad_request, conflict, not_found, too_large
@@ -64,7 +65,7 @@ def make_api_app(
     else:
         app[_OWNED_STORE_URL] = store
         app.cleanup_ctx.append(_own_store)
-    endpoints = device_endpoints() + campaign_endpoints()
+    endpoints = device_endpoints() + campaign_endpoints() + config_endpoints()
     app[_ENDPOINTS] = endpoints
     app.add_routes([e.route() for e in endpoints])
     app.add_routes(extra_routes or [])

@@ -94,6 +94,16 @@ _SLOTS = {
 }
 _STALE = _object(uuid=_STR, factory=_STR, group=_OPT_STR, last_seen_at=_TIME, not_after=_TIME)
 
+_CONFIG_CHANGE = _object(
+    id=_INT,
+    scope=_STR,
+    key=_STR,
+    changed_by=_STR,
+    changed_at=_TIME,
+    reason=_STR,
+    files={"type": "array", "items": _STR},
+)
+
 _SPAN = {"type": "string", "pattern": "^[0-9]+[smhdw]$", "examples": ["30m"]}
 _SHARE = {"type": "number", "minimum": 0, "maximum": 1}
 _PER_STATE = {
@@ -260,6 +270,50 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             devices={"type": "array", "items": _STALE},
         ),
         cas_expiring_before_their_certs={"type": "array", "items": _OUTLIVED},
+    ),
+    "ConfigSetRequest": {
+        "type": "object",
+        "required": ["scope", "files", "reason"],
+        "additionalProperties": False,
+        "properties": {
+            "scope": {"type": "string", "enum": ["factory", "group", "device"]},
+            "key": {**_STR, "description": "The group, or the device uuid; not for factory"},
+            "files": {
+                "type": "object",
+                "additionalProperties": _STR,
+                "description": "File name to its value (clear text; encrypted per device)",
+                "examples": [{"motd": "hello"}],
+            },
+            "unencrypted": {"type": "boolean", "description": "Serve the values in clear"},
+            "on_changed": {
+                "type": "array",
+                "items": _STR,
+                "description": "Command the device runs when a file changes, one argument each",
+            },
+            "reason": {"type": "string", "minLength": 1, "description": "Kept in the config log"},
+            "factory": {**_STR, "description": "Needed only when the store holds several"},
+        },
+    },
+    "ConfigSet": _object(
+        factory=_STR,
+        scope=_STR,
+        key=_STR,
+        files={"type": "array", "items": _STR},
+        encrypted_to={**_OPT_STR, "description": "sha256 of the device key values went to"},
+    ),
+    "ConfigChange": _CONFIG_CHANGE,
+    "GroupMoveRequest": {
+        "type": "object",
+        "required": ["group", "reason"],
+        "additionalProperties": False,
+        "properties": {
+            "group": {**_STR, "description": "The new group; empty for none"},
+            "reason": {"type": "string", "minLength": 1},
+        },
+    },
+    "GroupMoved": _object(
+        moved={"type": "boolean", "description": "false: it was in that group already"},
+        change={"oneOf": [_CONFIG_CHANGE, {"type": "null"}]},
     ),
     "Campaign": _CAMPAIGN,
     "CampaignCreateRequest": _CAMPAIGN_CREATE,

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
-from certfleet.fleet import config_admin
-from certfleet.store.config_files import ConfigValue
 from certfleet.store.schema import ConfigScope
 
-from .common import (
-    CertfleetGroup,
-    console,
-    database_option,
-    default_database,
-    pki_option,
-    print_json,
-    run,
-)
-
-ACTOR = "cli"
+from .common import CertfleetGroup, console, print_json
+from .fleet_backend import fleet_from, fleet_options
 
 
 def _assignment(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> dict:
@@ -36,15 +25,15 @@ def _assignment(_ctx: click.Context, _param: click.Parameter, values: tuple[str,
     return files
 
 
-def _scope(factory_wide: bool, group: str | None, device: str | None) -> tuple[ConfigScope, str]:
+def _scope(factory_wide: bool, group: str | None, device: str | None) -> dict[str, str]:
     chosen = [c for c in (factory_wide, group, device) if c]
     if len(chosen) != 1:
         raise click.UsageError("choose one scope: --factory-wide, --group G or --device UUID")
     if device:
-        return ConfigScope.DEVICE, device
+        return {"scope": ConfigScope.DEVICE.value, "key": device}
     if group:
-        return ConfigScope.GROUP, group
-    return ConfigScope.FACTORY, ""
+        return {"scope": ConfigScope.GROUP.value, "key": group}
+    return {"scope": ConfigScope.FACTORY.value}
 
 
 @click.group(cls=CertfleetGroup)
@@ -68,8 +57,7 @@ def config() -> None:
 )
 @click.option("--reason", required=True, help="Why; kept in the config log.")
 @click.option("--factory", help="Factory name; needed only when the store holds several.")
-@pki_option
-@database_option
+@fleet_options
 def config_set(
     assignments: dict[str, str],
     factory_wide: bool,
@@ -79,32 +67,29 @@ def config_set(
     on_changed: tuple[str, ...],
     reason: str,
     factory: str | None,
-    pki_dir: Path,
-    database: str | None,
+    as_json: bool,
+    **where: Any,
 ) -> None:
     """Create or replace config files NAME with VALUE in one scope."""
-    scope, key = _scope(factory_wide, group, device)
-    files = {
-        name: ConfigValue(value, list(on_changed), unencrypted)
-        for name, value in assignments.items()
+    change = {
+        **_scope(factory_wide, group, device),
+        "files": assignments,
+        "unencrypted": unencrypted or None,
+        "on_changed": list(on_changed) or None,
+        "reason": reason,
+        "factory": factory,
     }
-    done = run(
-        config_admin.set_config,
-        database or default_database(pki_dir),
-        scope,
-        key,
-        files,
-        reason=reason,
-        actor=ACTOR,
-        factory=factory,
-    )
-    where = f"{done.scope} {done.key}" if done.key else f"factory {done.factory}"
+    done = fleet_from(where).set_config({k: v for k, v in change.items() if v is not None})
+    if as_json:
+        print_json(done)
+        return
+    where_to = f"{done['scope']} {done['key']}" if done["key"] else f"factory {done['factory']}"
     how = (
-        f", encrypted to its current key (sha256 {done.encrypted_to[:16]}…)"
-        if done.encrypted_to
+        f", encrypted to its current key (sha256 {done['encrypted_to'][:16]}…)"
+        if done["encrypted_to"]
         else ""
     )
-    click.echo(f"config {', '.join(done.files)} set for {where}{how}")
+    click.echo(f"config {', '.join(done['files'])} set for {where_to}{how}")
 
 
 @config.command("log")
@@ -112,38 +97,29 @@ def config_set(
 @click.option("--group", metavar="G", help="The changes of one group's files.")
 @click.option("--factory", help="Factory name; needed only when the store holds several.")
 @click.option("--limit", default=50, show_default=True, help="At most this many changes.")
-@pki_option
-@database_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@fleet_options
 def config_log(
     device: str | None,
     group: str | None,
     factory: str | None,
     limit: int,
-    pki_dir: Path,
-    database: str | None,
     as_json: bool,
+    **where: Any,
 ) -> None:
     """Changes to the factory-wide files (or a group's, or a device's), newest first."""
-    changes = run(
-        config_admin.config_log,
-        database or default_database(pki_dir),
-        device=device,
-        group=group,
-        factory=factory,
-        limit=limit,
-    )
+    query = {"device": device, "group": group, "factory": factory, "limit": limit}
+    changes = fleet_from(where).config_log({k: v for k, v in query.items() if v is not None})
     if as_json:
-        print_json([change.as_dict() for change in changes])
+        print_json(changes)
         return
     table = Table(title="Config changes")
     for column in ("when", "by", "files", "reason"):
         table.add_column(column, no_wrap=column == "when")
     for change in changes:
         table.add_row(
-            f"{change.changed_at:%Y-%m-%d %H:%M:%S}",
-            change.changed_by,
-            ", ".join(change.files),
-            change.reason,
+            change["changed_at"].replace("T", " ")[:19],
+            change["changed_by"],
+            ", ".join(change["files"]),
+            change["reason"],
         )
     console.print(table)

@@ -142,6 +142,27 @@ def delete(device: str, reason: str, yes: bool, as_json: bool, **where: Any) -> 
         click.echo(f"denied: certificate serial {entry['serial']} (sha256 {entry['sha256']})")
 
 
+@devices.command("move")
+@click.argument("device", metavar="UUID")
+@click.option("--group", metavar="G", help="The device's new group.")
+@click.option("--no-group", is_flag=True, help="Take the device out of any group.")
+@click.option("--reason", required=True, help="Why; kept in the config log.")
+@fleet_options
+def move(
+    device: str, group: str | None, no_group: bool, reason: str, as_json: bool, **where: Any
+) -> None:
+    """Move device UUID to group G; it fetches G's config files at its next check-in."""
+    if (group is not None) == no_group:
+        raise click.UsageError("give --group G or --no-group")
+    moved = fleet_from(where).move(device, group or "", reason)
+    if as_json:
+        print_json(moved)
+    elif moved["moved"]:
+        click.echo(f"device {device} moved to {f'group {group}' if group else 'no group'}")
+    else:
+        click.echo(f"device {device} is in {f'group {group}' if group else 'no group'} already")
+
+
 @devices.command("deny")
 @click.argument("device", required=False, metavar="[UUID]")
 @click.option("--serial", metavar="S", help="Deny the certificate with this hex serial.")

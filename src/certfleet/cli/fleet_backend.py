@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 import click
 
-from certfleet.fleet import denylist_admin, device_views, expiry_report, rotate_certs
+from certfleet.fleet import config_admin, denylist_admin, device_views, expiry_report, rotate_certs
+from certfleet.store.config_files import ConfigValue
+from certfleet.store.schema import ConfigScope
 
 from .api_client import ApiClient, Remote, quote, remote_options, resolve_remote
 from .common import database_option, parse_duration, pki_option, run, store_url, with_store
@@ -35,6 +37,9 @@ class Fleet(Protocol):
     ) -> list[dict]: ...
     def rotate(self, uuid: str, order: Order, reason: str, dryrun: bool) -> dict: ...
     def updates_page(self, uuid: str, cursor: str | None, limit: int) -> dict: ...
+    def set_config(self, change: dict[str, Any]) -> dict: ...
+    def config_log(self, query: dict[str, Any]) -> list[dict]: ...
+    def move(self, uuid: str, group: str, reason: str) -> dict: ...
     def timeline(self, uuid: str, correlation_id: str) -> dict: ...
     def expiry(self, not_seen: str | None, renewal_window: str | None) -> dict: ...
 
@@ -92,6 +97,30 @@ class LocalFleet:
         page = self._run(device_views.list_updates, uuid, limit=limit, cursor=cursor)
         return page.as_dict()
 
+    def set_config(self, change: dict[str, Any]) -> dict:
+        on_changed, unencrypted = change.get("on_changed", []), change.get("unencrypted", False)
+        files = {
+            name: ConfigValue(value, on_changed, unencrypted)
+            for name, value in change["files"].items()
+        }
+        done = self._run(
+            config_admin.set_config,
+            ConfigScope(change["scope"]),
+            change.get("key", ""),
+            files,
+            reason=change["reason"],
+            actor=ACTOR,
+            factory=change.get("factory"),
+        )
+        return done.as_dict()
+
+    def config_log(self, query: dict[str, Any]) -> list[dict]:
+        return [change.as_dict() for change in self._run(config_admin.config_log, **query)]
+
+    def move(self, uuid: str, group: str, reason: str) -> dict:
+        change = self._run(config_admin.move_to_group, uuid, group, reason=reason, actor=ACTOR)
+        return {"moved": change is not None, "change": change.as_dict() if change else None}
+
     def timeline(self, uuid: str, correlation_id: str) -> dict:
         return self._run(device_views.update_timeline, uuid, correlation_id)
 
@@ -135,6 +164,16 @@ class RemoteFleet:
     def updates_page(self, uuid: str, cursor: str | None, limit: int) -> dict:
         query = {"cursor": cursor, "limit": limit}
         return self.api.call("GET", f"/v1/devices/{quote(uuid)}/updates", query=query)
+
+    def set_config(self, change: dict[str, Any]) -> dict:
+        return self.api.call("POST", "/v1/config", body=_given(change))
+
+    def config_log(self, query: dict[str, Any]) -> list[dict]:
+        return self.api.call("GET", "/v1/config/log", query=query)
+
+    def move(self, uuid: str, group: str, reason: str) -> dict:
+        body = {"group": group, "reason": reason}
+        return self.api.call("POST", f"/v1/devices/{quote(uuid)}/group", body=body)
 
     def timeline(self, uuid: str, correlation_id: str) -> dict:
         path = f"/v1/devices/{quote(uuid)}/updates/{quote(correlation_id)}"

@@ -7,10 +7,9 @@ gateway encrypts them for each device when it asks.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from certfleet.pki import ecies
 from certfleet.pki.keys import pubkey_sha256
 from certfleet.store import audit, certificates, config_files, devices, factories, outbox
 from certfleet.store.config_files import ConfigValue
-from certfleet.store.engine import Store, open_store
+from certfleet.store.engine import Store, opened
 from certfleet.store.errors import NotFoundError, StoreError
 from certfleet.store.schema import ConfigLog, ConfigScope, Device, Factory
 
@@ -47,6 +46,16 @@ class ConfigSet:
     files: list[str]
     # The key device-scope values were encrypted to (sha256), if any were.
     encrypted_to: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {
+            "factory": self.factory,
+            "scope": self.scope,
+            "key": self.key,
+            "files": self.files,
+            "encrypted_to": self.encrypted_to,
+        }
 
 
 @dataclass(frozen=True)
@@ -87,17 +96,8 @@ class ConfigChange:
         }
 
 
-@contextlib.asynccontextmanager
-async def _store(url: str) -> AsyncIterator[Store]:
-    store = await open_store(url, upgrade=True)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def set_config(
-    db_url: str,
+    store: Store | str,
     scope: ConfigScope,
     key: str,
     files: Mapping[str, ConfigValue],
@@ -108,6 +108,8 @@ async def set_config(
 ) -> ConfigSet:
     """Create or replace config files in one scope (key: group name, device uuid or '').
 
+    ``store`` is an open store (the admin API's) or a URL (a command's).
+
     A device rotating its key (next key announced, config locked) refuses
     device-scope changes with ConfigLockedError until it connects with the new
     key, because they would be encrypted to the key it is leaving. Factory and
@@ -116,7 +118,7 @@ async def set_config(
     _check_files(files)
     if not reason.strip():
         raise StoreError("give a --reason: it is kept in the config log")
-    async with _store(db_url) as store, store.transaction() as session:
+    async with opened(store) as ready, ready.transaction() as session:
         encrypted_to = None
         if scope == ConfigScope.DEVICE:
             # Locked, so that the device cannot announce a next key between the
@@ -154,7 +156,7 @@ async def set_config(
 
 
 async def config_log(
-    db_url: str,
+    store: Store | str,
     *,
     device: str | None = None,
     group: str | None = None,
@@ -164,7 +166,7 @@ async def config_log(
     """Changes to one scope (the factory's unless a device or group is named), newest first."""
     if device and group:
         raise StoreError("name a device or a group, not both")
-    async with _store(db_url) as store, store.transaction() as session:
+    async with opened(store) as ready, ready.transaction() as session:
         if device:
             found = await _device(session, device)
             factory_id, scope, key = found.factory_id, ConfigScope.DEVICE, found.uuid
@@ -177,7 +179,7 @@ async def config_log(
 
 
 async def move_to_group(
-    db_url: str, device: str, group: str | None, *, reason: str, actor: str
+    store: Store | str, device: str, group: str | None, *, reason: str, actor: str
 ) -> ConfigChange | None:
     """Put a device in `group` (None or '': in none); None if it was there already.
 
@@ -190,7 +192,7 @@ async def move_to_group(
     group = group.strip() if group else None
     if group is not None and len(group) > 128:
         raise StoreError("a group name has at most 128 characters")
-    async with _store(db_url) as store, store.transaction() as session:
+    async with opened(store) as ready, ready.transaction() as session:
         row = await _device(session, device, lock=True)
         before = row.group_name
         entry = await config_files.move_to_group(
@@ -273,7 +275,7 @@ async def _device(session: AsyncSession, device: str, *, lock: bool = False) -> 
             return await devices.lock_device(session, device_uuid)
         return await devices.get_device(session, device_uuid)
     except NotFoundError as exc:
-        raise StoreError(f"no device {device_uuid} (or it was deleted)") from exc
+        raise NotFoundError(f"no device {device_uuid} (or it was deleted)") from exc
 
 
 async def _factory_by_id(session: AsyncSession, factory_id: int) -> Factory:
