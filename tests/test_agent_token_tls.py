@@ -26,12 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from certfleet.agent.tls_client import TokenKey, TokenTlsError, client_context, support_problem
-from certfleet.agent.token_tls import openssl_library, use_token_key
 from certfleet.est.client import EstClient, EstClientError
 from certfleet.pki.errors import PkiError
 from certfleet.pki.keys import generate_private_key
 from certfleet.pki.pkcs11_signer import Pkcs11Ref, Pkcs11Signer, generate_pkcs11_key
+from certfleet.pki.tls_client import TokenKey, TokenTlsError, client_context, support_problem
+from certfleet.pki.token_tls import openssl_library, use_token_key
 
 from .cli_run import BIN, certfleet
 from .server_process import ServerProcess, free_port

@@ -80,7 +80,7 @@ class Device:
         """Client context: the gateway checked against the factory root, our cert presented."""
         if self.token is not None:
             # Token keys need OpenSSL's PKCS#11 support; see tls_client.
-            from .tls_client import token_client_context
+            from certfleet.pki.tls_client import token_client_context
 
             return token_client_context(self.roots(), self.certificate(), self.token)
         context = ssl.create_default_context(cadata=self.root_path.read_text())

@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 from cryptography import x509
 
-from certfleet.agent.tls_client import TokenKey
 from certfleet.pki.errors import PkiError
 from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem
@@ -22,6 +21,7 @@ from certfleet.pki.pkcs11_signer import (
     parse_hex_id,
 )
 from certfleet.pki.signer import FileSigner, Signer, load_file_signer
+from certfleet.pki.tls_client import TokenKey
 
 KEY_FILE_MODE = 0o600
 

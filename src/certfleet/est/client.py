@@ -17,8 +17,8 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from certfleet.agent.tls_client import TokenKey, client_context
 from certfleet.pki.pkcs7 import load_certs_only
+from certfleet.pki.tls_client import TokenKey, client_context
 
 from . import wire
 
