@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import pkcs11
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, ObjectClass
-from pkcs11.util.x509 import decode_x509_certificate
 
 from certfleet.pki.errors import PkiError
 from certfleet.pki.files import durable_change
@@ -33,6 +31,7 @@ from certfleet.pki.pkcs11_signer import (
     parse_hex_id,
 )
 from certfleet.pki.signer import Signer
+from certfleet.pki.token_certificates import replace_certificate
 
 from .device import TokenSlots
 from .rotation_context import Credential, RotationContext, log
@@ -77,24 +76,8 @@ def read_cert(ctx: RotationContext) -> x509.Certificate | None:
 
 def store_cert(ctx: RotationContext, cert: x509.Certificate) -> None:
     """Put the new certificate in the unused certificate slot, replacing what is there."""
-    slots = _slots(ctx)
-    raw_id = parse_hex_id(ctx.new.cert)
-    session = _session(slots)
-    template = decode_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
-    template.update(
-        {
-            Attribute.TOKEN: True,
-            Attribute.ID: raw_id,
-            Attribute.LABEL: f"certfleet-cert-{raw_id.hex()}",
-        }
-    )
-    with durable_change(), session.lock:
-        stale = list(_objects(session, raw_id, (ObjectClass.CERTIFICATE,)))
-        # Created before the old ones go: a crash in between leaves both, and the
-        # reader picks the one for the new key.
-        session.session.create_object(template)
-        for obj in stale:
-            obj.destroy()
+    with durable_change():
+        replace_certificate(_session(_slots(ctx)), parse_hex_id(ctx.new.cert), cert)
 
 
 def remove(ctx: RotationContext, credential: Credential) -> list[str]:

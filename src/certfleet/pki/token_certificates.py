@@ -9,7 +9,7 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11.util.x509 import decode_x509_certificate
 
 from .errors import PkiError
-from .pkcs11_signer import Pkcs11Ref, open_token_session, parse_hex_id
+from .pkcs11_signer import Pkcs11Ref, TokenSession, open_token_session, parse_hex_id
 
 
 def token_has_certificate(module: str, token: str, cert_id: str, pin: str | None) -> bool:
@@ -36,8 +36,16 @@ def store_token_certificate(
     module: str, token: str, cert_id: str, pin: str | None, cert: x509.Certificate
 ) -> None:
     """Put `cert` in the token under id `cert_id`, replacing a certificate already there."""
-    raw_id = parse_hex_id(cert_id)
     session = open_token_session(Pkcs11Ref(module, token), pin)
+    replace_certificate(session, parse_hex_id(cert_id), cert)
+
+
+def replace_certificate(session: TokenSession, raw_id: bytes, cert: x509.Certificate) -> None:
+    """Create `cert` under `raw_id` in an open session, then destroy the ones there before.
+
+    Created first: a failure or crash in between leaves the old certificate (or
+    both, and the reader picks the one for its key), never none.
+    """
     template = decode_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
     template.update(
         {
@@ -48,7 +56,6 @@ def store_token_certificate(
     )
     with session.lock:
         old = _certificates(session.session, raw_id)
-        # Create first: a failure then leaves the old certificate in place.
         session.session.create_object(template)
         for obj in old:
             obj.destroy()
