@@ -13,11 +13,12 @@ Three modes, each N requests (-n) per round, every answer checked (status
 304; a resumed connection must have resumed; a row with any failure is
 INVALID):
   kept-alive  one TLS connection, N requests with keep-alive
-  resumed     a new connection per request, resuming the TLS 1.3 session
+  resumed     a new connection per request, resuming the TLS session
               ticket of the previous connection (first from a priming one)
   full        a new connection per request, full handshake
 Baseline: `openssl s_server -www -Verify 1` with the gateway's certificate,
-one GET per new mutual-TLS connection (full handshake), in the same run.
+one GET per new mutual-TLS connection, with a full and with a resumed
+handshake, in the same run: what OpenSSL itself spends per connection.
 
 This process is the client, as in bench/tls_handshake.py and
 bench/est_reenroll.py: pyOpenSSL on blocking sockets, TCP_NODELAY, TLS 1.3.
@@ -32,7 +33,7 @@ each row is also judged against the target as a ratio to s_server, which
 holds when the machine is slower or busier than it was then.
 
     .venv/bin/python bench/gateway_checkin.py [-n 1000] [--rounds 3]
-        [--denylist 1000000,0] [--workers 1] [--loop asyncio|uvloop]
+        [--denylist 1000000,0] [--workers 1] [--loop asyncio|uvloop] [--tls 1.3|1.2]
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def certfleet(*args: str) -> None:
     subprocess.run([str(BIN / "certfleet"), *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def make_pki(where: Path, denylist: int) -> Pki:
+def make_pki(where: Path, denylist: int, tls: str) -> Pki:
     certfleet(
         "keys", "ca", "create", str(where), "--factory", FACTORY,
         "--gateway-dns", "localhost", "--gateway-ip", HOST,
@@ -114,8 +115,9 @@ def make_pki(where: Path, denylist: int) -> Pki:
     root = x509.load_pem_x509_certificate((where / "root.crt").read_bytes())
     ctx = client_context(cert, key, root, stack="openssl4")
     assert isinstance(ctx, SSL.Context)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    version = SSL.TLS1_3_VERSION if tls == "1.3" else SSL.TLS1_2_VERSION
+    ctx.set_min_proto_version(version)
+    ctx.set_max_proto_version(version)
     return Pki(where, denylist, ctx)
 
 
@@ -456,7 +458,7 @@ def run(args: argparse.Namespace) -> dict:
             pkis = []
             for n_deny in args.denylist:
                 print(f"setting up: PKI, 1 device, {n_deny} deny-list entries", file=sys.stderr)
-                pkis.append(make_pki(tmp / f"pki-{n_deny}", n_deny))
+                pkis.append(make_pki(tmp / f"pki-{n_deny}", n_deny, args.tls))
             servers.append(start_s_server(pkis[0]))
             for pki in pkis:
                 for workers in args.workers:
@@ -476,9 +478,9 @@ def run(args: argparse.Namespace) -> dict:
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "checkins_per_phase": args.n,
         "server_event_loop": args.loop,
+        "tls": args.tls,
         "rounds": args.rounds,
         "warmup_per_phase": WARMUP,
-        "tls": "1.3",
         "db": "sqlite",
         "machine": machine(),
         "openssl": {
@@ -509,7 +511,7 @@ def measure(servers: list[Server], n: int, rounds: int) -> list[dict]:
     samples: dict[tuple, list[Phase]] = {}
     for r in range(rounds):
         for server in servers:
-            modes = ("full",) if server.name == "s_server" else MODES
+            modes = ("resumed", "full") if server.name == "s_server" else MODES
             for mode in modes:
                 key = (server.name, server.pki.denylist, server.workers, mode)
                 print(f"round {r + 1}/{rounds}: {' '.join(map(str, key))}", file=sys.stderr)
@@ -537,7 +539,9 @@ def measure(servers: list[Server], n: int, rounds: int) -> list[dict]:
                 "valid": not bad,
             }
         )
-    base = next(r["server_cpu_us"] for r in rows if r["server"] == "s_server")
+    base = next(
+        r["server_cpu_us"] for r in rows if r["server"] == "s_server" and r["mode"] == "full"
+    )
     for r in rows:
         r["ratio_to_s_server_full"] = round(r["server_cpu_us"] / base, 2)
         if r["target_us"] is not None:
@@ -594,7 +598,7 @@ def print_table(result: dict) -> None:
             f"{'' if r['valid'] else '  INVALID'}"
         )
     print(
-        "ratio: to s_server's full handshake + GET /; TLS 1.3, SQLite, "
+        f"ratio: to s_server's full handshake + GET /; TLS {result['tls']}, SQLite, "
         f"certfleet on {result['server_event_loop']}"
     )
     print(
@@ -631,6 +635,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int_list, default=[1], help="e.g. 1,2")
     parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
+    parser.add_argument("--tls", choices=("1.3", "1.2"), default="1.3", help="the TLS version")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if any(w < 1 for w in args.workers):

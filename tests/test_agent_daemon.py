@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import re
 import signal
@@ -506,3 +507,34 @@ def stop_daemon(process: subprocess.Popen) -> int:
 def _log_time(line: str) -> float:
     stamp = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return stamp.timestamp()
+
+
+def test_polls_resume_the_tls_session_until_the_credential_changes(fleet, tmp_path, caplog):
+    from certfleet.agent.config_daemon import ConfigDaemon
+    from certfleet.agent.settings import load_settings
+
+    fleet.register(tmp_path / "dev", "lab")
+    fleet.config_set(["--factory-wide"], "motd=hello", extra=("--unencrypted",))
+    settle()
+    agent = make_agent(tmp_path, tmp_path / "dev" / "sota.toml")
+    daemon = ConfigDaemon(load_settings(agent.config))
+    caplog.set_level(logging.DEBUG, logger="certfleet.agent.config_daemon")
+
+    def poll() -> str:
+        caplog.clear()
+        report = daemon.cycle()
+        assert report.status.name == "DONE", report
+        [line] = [r.getMessage() for r in caplog.records if "config unchanged" in r.getMessage()]
+        return line
+
+    daemon.cycle()  # the first poll fetches the config and makes the session
+    assert poll().endswith("(304, resumed TLS session)")
+    assert poll().endswith("(304, resumed TLS session)")
+    # A new certificate file (same bytes, new inode) means a new context, and no
+    # session of the old one is offered with it.
+    cert = tmp_path / "dev" / "client.pem"
+    fresh = cert.with_suffix(".new")
+    fresh.write_bytes(cert.read_bytes())
+    fresh.replace(cert)
+    assert poll().endswith("(304, full TLS handshake)")
+    assert poll().endswith("(304, resumed TLS session)")

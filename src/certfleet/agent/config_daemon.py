@@ -34,7 +34,7 @@ from certfleet.pki.errors import PkiError
 from . import rotation_hooks
 from .backoff import Backoff, jittered
 from .config_apply import Applied, apply_files, missing_files
-from .device import Device, DeviceConfigError, load_device
+from .device import ContextCache, Device, DeviceConfigError, load_device
 from .gateway_client import GatewayClient, GatewayRefused
 from .handlers import HandlerResult, run_handler
 from .https import Unreachable
@@ -108,6 +108,7 @@ class ConfigDaemon:
         self.settings = settings
         self.stop = stop or StopSignal()
         self.backoff = Backoff.for_poll_interval(settings.poll_interval)
+        self.contexts = ContextCache()
 
     def run_forever(self) -> None:
         """Cycle until SIGTERM/SIGINT."""
@@ -140,7 +141,7 @@ class ConfigDaemon:
             device, local, manifest = self._load()
         except (DeviceConfigError, LocalConfigError, ManifestError, SettingsError) as exc:
             return CycleReport(Status.REFUSED, str(exc))
-        return _Cycle(self.settings, self.stop, device, local, manifest).run()
+        return _Cycle(self.settings, self.stop, device, local, manifest, self.contexts).run()
 
     def _load(self) -> tuple[Device, LocalConfig, Manifest]:
         device = load_device(self.settings.sota_config, self.settings.hsm_pin())
@@ -177,6 +178,7 @@ class _Cycle:
     device: Device
     local: LocalConfig
     manifest: Manifest
+    contexts: ContextCache
 
     def run(self) -> CycleReport:
         fetched = self._fetch()
@@ -204,7 +206,7 @@ class _Cycle:
     def _fetch(self) -> tuple[LocalConfig | None, bool] | CycleReport:
         """(config to apply or None, fetched now) or the report of a failed poll."""
         try:
-            context = self.device.tls_context()
+            context = self.contexts.context(self.device)
         except (OSError, ssl.SSLError) as exc:
             return CycleReport(
                 Status.REFUSED,
@@ -219,7 +221,8 @@ class _Cycle:
         except GatewayRefused as exc:
             return _refused(exc, self.device)
         if answer.status == 304:
-            log.debug("config unchanged since %s (304)", self.local.last_modified)
+            how = "resumed TLS session" if answer.resumed else "full TLS handshake"
+            log.debug("config unchanged since %s (304, %s)", self.local.last_modified, how)
             return (self.local if self._owed() else None), False
         try:
             files = answer.json()
@@ -274,7 +277,7 @@ class _Cycle:
         try:
             # Reloaded: a rotation handler may have moved the device to a new key.
             device = load_device(self.settings.sota_config, self.settings.hsm_pin())
-            GatewayClient(device.gateway_url, device.tls_context()).config_applied(version)
+            GatewayClient(device.gateway_url, self.contexts.context(device)).config_applied(version)
         except (Unreachable, GatewayRefused, DeviceConfigError, SettingsError) as exc:
             log.warning("could not report config version %s as applied: %s", version, exc)
             report.problems.append(f"report of version {version} not sent: {exc}")

@@ -89,9 +89,37 @@ class Device:
         context.load_cert_chain(self.cert_path, self.key_path)
         return context
 
+    def credential_stamp(self) -> tuple[Any, ...]:
+        """Changes whenever the files or slots behind `tls_context` change."""
+        stamps = []
+        for path in (self.root_path, self.cert_path, self.key_path):
+            if path is not None:
+                st = path.stat()
+                stamps.append((path, st.st_ino, st.st_mtime_ns, st.st_size))
+        return (*stamps, self.token)
+
     def roots(self) -> list[x509.Certificate]:
         """The factory root(s) the gateway and EST server are checked against."""
         return x509.load_pem_x509_certificates(self.root_path.read_bytes())
+
+
+class ContextCache:
+    """The device's TLS context, made again only when its credential changes.
+
+    Polls then share one context, so that each connection can resume the last
+    one's TLS session (see agent/https.py).
+    """
+
+    def __init__(self) -> None:
+        self._stamp: tuple[Any, ...] | None = None
+        self._context: ssl.SSLContext | None = None
+
+    def context(self, device: Device) -> ssl.SSLContext:
+        """The context for `device`'s current credential."""
+        stamp = device.credential_stamp()
+        if self._context is None or stamp != self._stamp:
+            self._context, self._stamp = device.tls_context(), stamp
+        return self._context
 
 
 def load_device(config_path: Path, pin: str | None = None) -> Device:

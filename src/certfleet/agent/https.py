@@ -5,6 +5,13 @@ aiohttp's import time and memory, which matters on a small device. `request`
 sends one request on its own connection; `Connection` keeps one connection to
 one server open for several requests (a rotation makes about ten, and each new
 TLS handshake costs the device more CPU than the request itself).
+
+A new connection resumes the TLS session of the last one made with the same
+`ssl.SSLContext` to the same server (a session ticket), so a device that polls
+every few minutes with one context pays a full handshake only when the
+server's ticket key changes. A session belongs to its context, and the
+context to one certificate and key: after a key change the agent makes a new
+context, and nothing resumes the old identity.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import http.client
 import json
 import ssl
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +29,10 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 # A kept-alive connection the server closed while idle fails like this; one fresh try is safe.
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+# The last TLS session per context and (host, port); gone with the context.
+_SESSIONS: weakref.WeakKeyDictionary[ssl.SSLContext, dict[tuple[str, int], ssl.SSLSession]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Unreachable(Exception):
@@ -34,6 +46,8 @@ class Answer:
     status: int
     headers: dict[str, str]
     body: bytes
+    # Whether the connection resumed a TLS session (None: not known).
+    resumed: bool | None = None
 
     def json(self) -> Any:
         """The body as JSON (raises ValueError if it is not)."""
@@ -92,7 +106,7 @@ class Connection:
         self._host, self._port = parts.hostname, parts.port or 443
         self._context = context
         self._timeout = timeout
-        self._conn: http.client.HTTPSConnection | None = None
+        self._conn: _ResumingConnection | None = None
         self._used = False
 
     def request(
@@ -120,7 +134,7 @@ class Connection:
         self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None
     ) -> Answer:
         if self._conn is None:
-            self._conn = http.client.HTTPSConnection(
+            self._conn = _ResumingConnection(
                 self._host, self._port, context=self._context, timeout=self._timeout
             )
             self._used = False
@@ -129,15 +143,37 @@ class Connection:
         response = self._conn.getresponse()
         data = _read_bounded(response)
         found = {name.lower(): value for name, value in response.getheaders()}
+        resumed = self._conn.keep_session()
         if response.will_close:
             self.close()
-        return Answer(response.status, found, data)
+        return Answer(response.status, found, data, resumed)
 
     def close(self) -> None:
         """Close the connection (the next request opens a new one)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class _ResumingConnection(http.client.HTTPSConnection):
+    """An HTTPS connection that offers the last session made with its context."""
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP only: the TLS part is ours
+        known = _SESSIONS.get(self._context, {}).get((self.host, self.port))
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host, session=known)
+
+    def keep_session(self) -> bool | None:
+        """Remember this connection's session for the next one; whether it was resumed.
+
+        Called after an answer was read: a TLS 1.3 ticket comes after the handshake.
+        """
+        sock = self.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        if sock.session is not None and sock.session.has_ticket:
+            _SESSIONS.setdefault(self._context, {})[(self.host, self.port)] = sock.session
+        return sock.session_reused
 
 
 def _read_bounded(response: http.client.HTTPResponse) -> bytes:
