@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +41,7 @@ from certfleet.pki.signer import Signer
 from certfleet.protocol import CA_ADDED, CA_DISABLED, CA_REVOKED
 from certfleet.store import audit, cas, certificates, factories, outbox
 from certfleet.store.authorities import issuing_online_ca
-from certfleet.store.engine import Store, open_store
+from certfleet.store.engine import opened
 from certfleet.store.errors import DuplicateError
 from certfleet.store.schema import Ca, CaKind, CaStatus
 
@@ -77,15 +75,6 @@ class Revocation:
     affected_devices: list[str]
 
 
-@contextlib.asynccontextmanager
-async def _store(url: str) -> AsyncIterator[Store]:
-    store = await open_store(url, upgrade=True)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def _record(session: AsyncSession, factory_id: int, item: Issued) -> Ca:
     cert = item.cert
     ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
@@ -116,7 +105,7 @@ async def create_factory(
 ) -> list[CaInfo]:
     """Create a factory's root, device CAs and TLS certs; refuses if one exists."""
     pki = PkiDir(pki_dir)
-    async with _store(url) as store:
+    async with opened(url) as store:
         async with store.transaction() as session:
             if any(f.name == factory for f in await factories.list_factories(session)):
                 raise PkiError(
@@ -158,7 +147,7 @@ def _remove_written(pki: PkiDir, items: list[Issued]) -> None:
 
 async def list_cas(url: str, factory: str | None = None) -> list[CaInfo]:
     """Every CA of the factory with its status."""
-    async with _store(url) as store, store.transaction() as session:
+    async with opened(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         return [CaInfo.of(ca) for ca in await cas.list_cas(session, row.id)]
 
@@ -192,7 +181,7 @@ async def add_device_ca(url: str, pem: Path, factory: str | None = None) -> CaIn
     """Trust an offline device CA made elsewhere; it must chain to the root."""
     cert = read_cert_file(pem)
     _check_is_ca(cert, pem)
-    async with _store(url) as store, store.transaction() as session:
+    async with opened(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         root = x509.load_pem_x509_certificate((await _root(session, row.id)).cert_pem.encode())
         verify_chain(cert, root)
@@ -239,7 +228,7 @@ async def _device_ca(session: AsyncSession, factory_id: int, name: str) -> Ca:
 
 async def disable_device_ca(url: str, name: str, factory: str | None = None) -> CaInfo:
     """Stop new registrations from a device CA; its devices keep working."""
-    async with _store(url) as store, store.transaction() as session:
+    async with opened(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         ca = await _device_ca(session, row.id, name)
         if ca.status == CaStatus.REVOKED:
@@ -260,7 +249,7 @@ async def revoke_device_ca(
 ) -> Revocation:
     """Refuse every device of a device CA and publish a root-signed CRL (idempotent)."""
     pki = PkiDir(pki_dir)
-    async with _store(url) as store, store.transaction() as session:
+    async with opened(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         ca = await _device_ca(session, row.id, name)
         if ca.status != CaStatus.REVOKED:
@@ -317,7 +306,7 @@ async def new_local_ca(
 ) -> CaInfo:
     """A further offline device CA; its key is written to `out_dir` only."""
     pki, out = PkiDir(pki_dir), PkiDir(out_dir)
-    async with _store(url) as store, store.transaction() as session:
+    async with opened(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         root = await _root(session, row.id)
         signer = _root_signer(pki, root, pin, passphrase)
@@ -344,7 +333,7 @@ async def est_authorize(
 ) -> CaInfo:
     """Issue or replace the EST server's TLS certificate and key."""
     pki = PkiDir(pki_dir)
-    async with _store(url) as store, store.transaction() as session:
+    async with opened(url) as store, store.transaction() as session:
         row = await factories.resolve_factory(session, factory)
         root = await _root(session, row.id)
         signer = _root_signer(pki, root, pin, passphrase)
@@ -412,7 +401,7 @@ async def new_online_ca(
     """
     pki = PkiDir(pki_dir)
     written: list[Issued] = []
-    async with _store(url) as store:
+    async with opened(url) as store:
         try:
             async with store.transaction() as session:
                 row = await factories.resolve_factory(session, factory)
