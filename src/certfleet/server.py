@@ -272,9 +272,11 @@ def _spawn(config: ServerConfig, prepared: Prepared, index: int) -> int:
     if pid == 0:
         code = 0
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, _stop_before_serving)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             asyncio.run(run_worker(config, prepared, index))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
         except BaseException:
             log.exception("worker %d failed", os.getpid())
             code = 1
@@ -283,8 +285,15 @@ def _spawn(config: ServerConfig, prepared: Prepared, index: int) -> int:
     return pid
 
 
+def _stop_before_serving(_signum: int, _frame: object) -> None:
+    # SIGTERM while starting up (the sockets listen before the workers serve)
+    # is a clean stop too; once a worker serves, its loop handles SIGTERM.
+    raise SystemExit(0)
+
+
 def serve(config: ServerConfig, announce: Any = print) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
+    signal.signal(signal.SIGTERM, _stop_before_serving)
     prepared = prepare(config)
     host, port = prepared.est_socket.getsockname()[:2]
     gw_host, gw_port = prepared.gateway_socket.getsockname()[:2]
