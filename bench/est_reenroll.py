@@ -49,7 +49,6 @@ import datetime as dt
 import json
 import linecache
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -62,7 +61,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,20 +69,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
-from cryptography.x509.oid import NameOID
+from harness import BIN, HOST, certfleet, free_port, machine, record_online_device, s_server_process
 from listeners import LOOPS, listen_args, server_command  # bench/ is on sys.path
 from OpenSSL import SSL
 from procstat import children, cpu_seconds, stop_process
 
-from certfleet.pki.authority import issue_device_certificate
 from certfleet.store.authorities import load_authority
 from certfleet.store.engine import open_store
 from certfleet.store.factories import get_factory
-from certfleet.store.issued import record_device_certificate
-from certfleet.store.schema import RegisteredVia
 from certfleet.tls import client_connection, client_context
 
-HOST = "127.0.0.1"
 FACTORY = "bench"
 PG_PORT = 5432
 PG_BASE = f"postgresql://postgres@{HOST}:{PG_PORT}/test"
@@ -93,7 +87,6 @@ EST = "/.well-known/est"
 VERSIONS = {"1.3": SSL.TLS1_3_VERSION, "1.2": SSL.TLS1_2_VERSION}
 WARMUP = 20
 GO_REFERENCE_RATIO = 0.70  # foundriesio/estserver per re-enrollment (issue 3)
-BIN = Path(sys.executable).parent
 
 
 # --- devices: issued and recorded before anything is measured --------------------------
@@ -118,10 +111,6 @@ class Pki:
     url: str
     issuing_ca: x509.Certificate | None = None
     devices: list[Device] = field(default_factory=list)
-
-
-def certfleet(*args: str) -> None:
-    subprocess.run([str(BIN / "certfleet"), *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def make_pki(db: str, where: Path, url: str, n: int, versions: list[str]) -> Pki:
@@ -152,23 +141,7 @@ async def _issue_devices(pki_dir: Path, url: str, n: int) -> tuple[x509.Certific
             authority = await load_authority(session, FACTORY, pki_dir)
             factory_id = (await get_factory(session, FACTORY)).id
             for _ in range(n):
-                device_uuid = str(uuid.uuid4())
-                key = ec.generate_private_key(ec.SECP256R1())
-                name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_uuid)])
-                csr = x509.CertificateSigningRequestBuilder().subject_name(name)
-                cert = issue_device_certificate(
-                    csr.sign(key, hashes.SHA256()), authority.issuing_ca, authority.signer, FACTORY
-                )
-                await record_device_certificate(
-                    session,
-                    cert,
-                    device_uuid=device_uuid,
-                    factory_id=factory_id,
-                    issuer_ca_id=authority.issuing_ca_id,
-                    request="bench",
-                    registered_via=RegisteredVia.ONLINE,
-                    make_current=True,
-                )
+                device_uuid, cert, key = await record_online_device(session, authority, factory_id)
                 # The renewal: a new key, and the subject exactly as in the current cert.
                 new_key = ec.generate_private_key(ec.SECP256R1())
                 renew = x509.CertificateSigningRequestBuilder().subject_name(cert.subject)
@@ -224,12 +197,6 @@ class Server:
     pids: list[int] = field(default_factory=list)  # the server, then its workers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def start_certfleet(pki: Pki, workers: int, log_dir: Path, loop: str = "asyncio") -> Server:
     port = free_port()
     args = ["-v", "server", "--pki", str(pki.dir), "--database", pki.url]
@@ -251,14 +218,7 @@ def start_certfleet(pki: Pki, workers: int, log_dir: Path, loop: str = "asyncio"
 
 
 def start_s_server(pki: Pki) -> Server:
-    port = free_port()
-    # Device certs chain to the online CA, which chains to the root.
-    trusted = pki.dir / "s_server-client-cas.pem"
-    trusted.write_bytes(b"".join((pki.dir / f).read_bytes() for f in ("root.crt", "online-ca.crt")))
-    argv = ["openssl", "s_server", "-quiet", "-www", "-accept", f"{HOST}:{port}"]
-    argv += ["-cert", str(pki.dir / "est-tls.crt"), "-key", str(pki.dir / "est-tls.key")]
-    argv += ["-CAfile", str(trusted), "-Verify", "1", "-verify_return_error"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = s_server_process(pki.dir, "est-tls")
     server = Server("s_server", "-", 1, proc, port, pki, [proc.pid])
     wait_ready(server, None)
     return server
@@ -529,24 +489,6 @@ def row(key: tuple, phases: list[Phase], n: int, bad: list[str]) -> dict:
     if workers > 1:  # the supervisor first, then each worker
         result["cpu_share_per_process"] = [round(c / sum(per_process), 3) for c in per_process]
     return result
-
-
-def machine() -> dict:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": model,
-        "load_average_at_end": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 # --- profile: py-spy on the server, waits left out ---------------------------------------

@@ -43,7 +43,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import socket
 import sqlite3
 import ssl
@@ -52,28 +51,22 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from harness import HOST, certfleet, free_port, machine, record_online_device, s_server_process
 from listeners import LOOPS, listen_args, server_command  # bench/ is on sys.path
 from OpenSSL import SSL
 from procstat import children, cpu_seconds, stop_process
 
-from certfleet.pki.authority import issue_device_certificate
 from certfleet.store.authorities import load_authority
 from certfleet.store.engine import open_store
 from certfleet.store.factories import get_factory
-from certfleet.store.issued import record_device_certificate
-from certfleet.store.schema import RegisteredVia
 from certfleet.tls import client_connection, client_context
 from certfleet.tls.transport import session_reused
 
-HOST = "127.0.0.1"
 FACTORY = "bench"
 RESULTS = Path(__file__).parent / "results" / "gateway_checkin.json"
 WARMUP = 20
@@ -82,7 +75,6 @@ TARGET_US = {"kept-alive": 300, "resumed": 300, "full": 1500}  # issue 4
 # s_server's full handshake when the targets were set (docs/benchmarks.md, 2026-11-23): the
 # targets as ratios to s_server hold on a machine that is slower or busier than then.
 S_SERVER_AT_TARGETS_US = 1463
-BIN = Path(sys.executable).parent
 
 
 # --- the store: a PKI, one device, a config file, N deny-list entries -------------------
@@ -93,10 +85,6 @@ class Pki:
     dir: Path
     denylist: int
     ctx: SSL.Context | None = None  # the device's TLS 1.3 client context
-
-
-def certfleet(*args: str) -> None:
-    subprocess.run([str(BIN / "certfleet"), *args], check=True, stdout=subprocess.DEVNULL)
 
 
 def make_pki(where: Path, denylist: int, tls: str) -> Pki:
@@ -127,23 +115,7 @@ async def _issue_device(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCur
         async with store.transaction() as session:
             authority = await load_authority(session, FACTORY, pki_dir)
             factory_id = (await get_factory(session, FACTORY)).id
-            device_uuid = str(uuid.uuid4())
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_uuid)])
-            csr = x509.CertificateSigningRequestBuilder().subject_name(name)
-            cert = issue_device_certificate(
-                csr.sign(key, hashes.SHA256()), authority.issuing_ca, authority.signer, FACTORY
-            )
-            await record_device_certificate(
-                session,
-                cert,
-                device_uuid=device_uuid,
-                factory_id=factory_id,
-                issuer_ca_id=authority.issuing_ca_id,
-                request="bench",
-                registered_via=RegisteredVia.ONLINE,
-                make_current=True,
-            )
+            _, cert, key = await record_online_device(session, authority, factory_id)
         return cert, key
     finally:
         await store.close()
@@ -192,12 +164,6 @@ class Server:
     last_modified: str = ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def start_certfleet(pki: Pki, workers: int, log_dir: Path, loop: str = "asyncio") -> Server:
     port = free_port()
     args = ["-v", "server", "--pki", str(pki.dir), "--workers", str(workers)]
@@ -235,13 +201,7 @@ def _certfleet_ready(server: Server, log: Path) -> Server:
 
 
 def start_s_server(pki: Pki) -> Server:
-    port = free_port()
-    trusted = pki.dir / "s_server-client-cas.pem"
-    trusted.write_bytes(b"".join((pki.dir / f).read_bytes() for f in ("root.crt", "online-ca.crt")))
-    argv = ["openssl", "s_server", "-quiet", "-www", "-accept", f"{HOST}:{port}"]
-    argv += ["-cert", str(pki.dir / "gateway-tls.crt"), "-key", str(pki.dir / "gateway-tls.key")]
-    argv += ["-CAfile", str(trusted), "-Verify", "1", "-verify_return_error"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = s_server_process(pki.dir, "gateway-tls")
     server = Server("s_server", pki, 1, proc, port, [proc.pid])
     try:
         status, _ = wait_ready(server, None)
@@ -548,24 +508,6 @@ def measure(servers: list[Server], n: int, rounds: int) -> list[dict]:
             r["target_ratio"] = round(r["target_us"] / S_SERVER_AT_TARGETS_US, 3)
             r["met_as_ratio"] = r["server_cpu_us"] / base <= r["target_ratio"]
     return rows
-
-
-def machine() -> dict:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": model,
-        "load_average_at_end": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 # --- output ------------------------------------------------------------------------------
