@@ -11,7 +11,8 @@ from .cli_run import certfleet
 def test_quickstart_runs_and_refuses_foreign_folders(tmp_path):
     folder = tmp_path / "demo"
     wide = {"COLUMNS": "250"}
-    done = certfleet("quickstart", "--dir", str(folder), "--devices", "4", env=wide)
+    # A relative folder, as `make demo` gives it.
+    done = certfleet("quickstart", "--dir", "demo", "--devices", "4", env=wide, cwd=tmp_path)
     out = done.stdout
     assert out.count("registered online with a token:") == 2
     assert "2 devices made in the factory with offline-CA certificates" in out

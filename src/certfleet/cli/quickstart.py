@@ -266,6 +266,7 @@ def _breach(server: Server, pki: Path, db_url: str, agents: list[Agent]) -> None
 )
 def quickstart(folder: Path, devices: int) -> None:
     """Run the end-to-end demo on SQLite in a local folder."""
+    folder = folder.resolve()  # agents and the server run with other working folders
     _fresh_dir(folder)
     pki, db_url = folder / "pki", f"sqlite:///{(folder / 'certfleet.db').resolve()}"
     console.print(Rule("1. factory PKI (file keys, SQLite store)"))
@@ -304,7 +305,7 @@ def quickstart(folder: Path, devices: int) -> None:
         for agent in agents:
             agent.stop()
         server.stop()
-    _say(f"data: {folder.resolve()}   store: {db_url}")
+    _say(f"data: {folder}   store: {db_url}")
     _say(
         f"serve it again: certfleet server --pki {pki}  (admin API on 127.0.0.1:8445; "
         "make a token with: certfleet tokens create --name me --scope read --pki "
