@@ -284,3 +284,31 @@ async def add_short_ca(store: Store, name: str, not_after: dt.datetime) -> Ca:
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
         )
+
+
+class Cli:
+    """The same `certfleet` command in local mode and against the API; no token may show."""
+
+    def __init__(self, env: ApiEnv) -> None:
+        self.env = env
+        self.local = ["--pki", str(env.pki), "--database", env.db_url]
+        self.remote = ["--server", env.api_url, "--trust", str(env.pki / "root.crt")]
+
+    def run(self, *args: str, remote: bool, scope: str = "rotate", expect: int = 0):
+        extra = self.remote if remote else self.local
+        token = {"CERTFLEET_TOKEN": self.env.tokens[scope]}
+        done = certfleet(*args, *extra, env=token, expect=expect)
+        for secret in self.env.tokens.values():
+            assert secret not in done.stdout + done.stderr, "a token was printed"
+        return done
+
+    def json(self, *args: str, remote: bool, scope: str = "rotate") -> Any:
+        """What the command prints with --json, parsed."""
+        return json.loads(self.run(*args, "--json", remote=remote, scope=scope).stdout)
+
+    def both_json(self, *args: str) -> Any:
+        """The JSON answer, checked equal in both modes (remote with a read token)."""
+        local = self.json(*args, remote=False)
+        remote = self.json(*args, remote=True, scope="read")
+        assert local == remote, args
+        return local

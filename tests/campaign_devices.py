@@ -27,7 +27,8 @@ from certfleet.pki.files import write_atomic
 from certfleet.pki.keys import generate_private_key, private_key_pem, public_key_pem
 from certfleet.pki.pki_dir import PkiDir
 
-from .cli_run import BIN, certfleet
+from .cli_run import certfleet
+from .cli_run import certfleet_agent as agent
 from .server_process import ServerProcess, free_port
 
 NAMES = ["--gateway-dns", "localhost", "--gateway-ip", "127.0.0.1"]
@@ -183,20 +184,6 @@ class Fleet:
         assert status == 200, body
         self.devices.append(device)
         return device
-
-
-def agent(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    done = subprocess.run(
-        [str(BIN / "certfleet-agent"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-    assert done.returncode == expect, f"exit {done.returncode}: {done.stdout} {done.stderr}"
-    return done
 
 
 def start_fleet(tmp_path: Path, db_url: str, *, runner: str = "enabled = false") -> Fleet:

@@ -28,3 +28,19 @@ def certfleet(
         f"stdout: {done.stdout}\nstderr: {done.stderr}"
     )
     return done
+
+
+def certfleet_agent(
+    *args: str, expect: int | None = 0, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run `certfleet-agent ARGS`; assert the exit code (unless `expect` is None)."""
+    done = subprocess.run(
+        [str(BIN / "certfleet-agent"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+    if expect is not None:
+        assert done.returncode == expect, f"exit {done.returncode}: {done.stdout}\n{done.stderr}"
+    return done

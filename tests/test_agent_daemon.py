@@ -34,6 +34,7 @@ from certfleet.store.config_files import ConfigValue, delete_config_files, put_c
 from certfleet.store.schema import ConfigScope
 
 from .cli_run import BIN, certfleet
+from .cli_run import certfleet_agent as run_agent
 from .pki_checks import mode
 from .server_process import ServerProcess, free_port
 
@@ -132,21 +133,6 @@ class Agent:
     def state_of(self, name: str) -> tuple[int, int]:
         info = (self.secrets / name).stat()
         return info.st_ino, info.st_mtime_ns
-
-
-def run_agent(
-    *args: str, expect: int | None = 0, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [str(BIN / "certfleet-agent"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-    if expect is not None:
-        assert done.returncode == expect, f"exit {done.returncode}: {done.stdout}\n{done.stderr}"
-    return done
 
 
 def marking_script(path: Path, log: Path) -> Path:

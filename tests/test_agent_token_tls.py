@@ -33,7 +33,8 @@ from certfleet.pki.pkcs11_signer import Pkcs11Ref, Pkcs11Signer, generate_pkcs11
 from certfleet.pki.tls_client import TokenKey, TokenTlsError, client_context, support_problem
 from certfleet.pki.token_tls import openssl_library, use_token_key
 
-from .cli_run import BIN, certfleet
+from .cli_run import certfleet
+from .cli_run import certfleet_agent as agent
 from .server_process import ServerProcess, free_port
 
 NAMES = ["--gateway-dns", "localhost", "--gateway-ip", "127.0.0.1"]
@@ -256,18 +257,6 @@ def test_calls_the_libcrypto_the_ssl_module_is_linked_to(token_tls_ready):
 
 
 # -- certfleet server + certfleet-agent ----------------------------------------------------
-
-
-def agent(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [str(BIN / "certfleet-agent"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-    assert done.returncode == expect, f"exit {done.returncode}: {done.stdout} {done.stderr}"
-    return done
 
 
 @pytest.mark.parametrize("stack", ["openssl4", "stdlib"])

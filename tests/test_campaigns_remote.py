@@ -3,40 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .api_fixtures import ApiEnv, api_env  # noqa: F401
-from .cli_run import certfleet
+from .api_fixtures import ApiEnv, Cli, api_env  # noqa: F401
 from .test_cli_devices import register
 
 EST = "https://est.acme.example"
-
-
-class Cli:
-    """The same command in both modes; no token may show in what it prints."""
-
-    def __init__(self, env: ApiEnv) -> None:
-        self.env = env
-        self.local = ["--pki", str(env.pki), "--database", env.db_url]
-        self.remote = ["--server", env.api_url, "--trust", str(env.pki / "root.crt")]
-
-    def run(self, *args: str, remote: bool, scope: str = "rotate", expect: int = 0):
-        extra = self.remote if remote else self.local
-        token = {"CERTFLEET_TOKEN": self.env.tokens[scope]}
-        done = certfleet(*args, *extra, env=token, expect=expect)
-        for secret in self.env.tokens.values():
-            assert secret not in done.stdout + done.stderr, "a token was printed"
-        return done
-
-    def json(self, *args: str, remote: bool, scope: str = "rotate") -> dict | list:
-        return json.loads(self.run(*args, "--json", remote=remote, scope=scope).stdout)
-
-    def both_json(self, *args: str) -> dict | list:
-        local = self.json(*args, remote=False)
-        remote = self.json(*args, remote=True, scope="read")
-        assert local == remote, args
-        return local
 
 
 def create_args() -> list[str]:

@@ -11,8 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .api_fixtures import ApiEnv, api_env  # noqa: F401
-from .cli_run import BIN, certfleet
+from .api_fixtures import ApiEnv, Cli, api_env  # noqa: F401
+from .cli_run import BIN
 
 ROTATION = "certs-1795471560"
 STEPS = [
@@ -90,29 +90,6 @@ def rotation_events(correlation: str = ROTATION, prefix: str = "e") -> list[dict
         }
         for i, (step, success) in enumerate(STEPS)
     ]
-
-
-class Cli:
-    """The same command in both modes."""
-
-    def __init__(self, env: ApiEnv) -> None:
-        self.env = env
-        self.local = ["--pki", str(env.pki), "--database", env.db_url]
-        self.remote = ["--server", env.api_url, "--trust", str(env.pki / "root.crt")]
-
-    def run(self, *args: str, remote: bool, scope: str = "rotate", expect: int = 0):
-        extra = self.remote if remote else self.local
-        token = {"CERTFLEET_TOKEN": self.env.tokens[scope]}
-        done = certfleet(*args, *extra, env=token, expect=expect)
-        for secret in self.env.tokens.values():
-            assert secret not in done.stdout + done.stderr
-        return done
-
-    def both_json(self, *args: str) -> object:
-        local = json.loads(self.run(*args, "--json", remote=False).stdout)
-        remote = json.loads(self.run(*args, "--json", remote=True, scope="read").stdout)
-        assert local == remote, args
-        return local
 
 
 async def test_devices_commands_local_and_remote(api_env: ApiEnv, tmp_path):  # noqa: F811

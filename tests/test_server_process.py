@@ -11,22 +11,11 @@ import uuid
 import pytest
 from cryptography import x509
 
-from .cli_run import BIN, certfleet
+from .cli_run import certfleet
+from .cli_run import certfleet_agent as agent
 from .server_process import ServerProcess, free_port
 
 NAMES = ["--gateway-dns", "localhost", "--gateway-ip", "127.0.0.1"]
-
-
-def agent(*args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [str(BIN / "certfleet-agent"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-    assert done.returncode == expect, f"exit {done.returncode}: {done.stdout} {done.stderr}"
-    return done
 
 
 @pytest.fixture
