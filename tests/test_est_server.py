@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_der_private_key
 
-from certfleet.est import wire
+from certfleet.est import csrattrs, wire
 from certfleet.est.policy import EstPolicy
 from certfleet.fleet import pki_admin
 from certfleet.pki.csr import name_text, tls_unique_password
@@ -68,12 +68,12 @@ async def test_csrattrs_asks_for_p256_and_tls_unique_only_when_required(env):
     reply = await env.request("GET", "csrattrs")
     assert reply.status == 200
     assert reply.headers["Content-Type"] == wire.CSRATTRS
-    attrs = wire.parse_csrattrs(base64.b64decode(reply.body))
+    attrs = csrattrs.parse_csrattrs(base64.b64decode(reply.body))
     assert "1.2.840.10045.2.1=1.2.840.10045.3.1.7" in attrs
     assert "1.2.840.113549.1.9.7" not in attrs
     await env.serve(require_tls_unique=True)
     reply = await env.request("GET", "csrattrs", label="globex")
-    assert "1.2.840.113549.1.9.7" in wire.parse_csrattrs(base64.b64decode(reply.body))
+    assert "1.2.840.113549.1.9.7" in csrattrs.parse_csrattrs(base64.b64decode(reply.body))
 
 
 async def test_enroll_with_credential_creates_the_device(env):

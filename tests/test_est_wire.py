@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from certfleet.est import wire
+from certfleet.est import csrattrs, wire
 from certfleet.est.wire import EstWireError
 from certfleet.pki.keys import generate_private_key
 from certfleet.pki.pkcs7 import certs_only
@@ -215,8 +215,8 @@ def asn1_tree(parsed: str) -> list[tuple[int, str]]:
 
 
 def test_device_csrattrs_with_tls_unique(tmp_path):
-    der = wire.device_csrattrs(require_tls_unique=True)
-    assert wire.parse_csrattrs(der) == [
+    der = csrattrs.device_csrattrs(require_tls_unique=True)
+    assert csrattrs.parse_csrattrs(der) == [
         CHALLENGE_PASSWORD,
         ECDSA_SHA256,
         f"{EC_PUBLIC_KEY}={SECP256R1}",
@@ -234,20 +234,20 @@ def test_device_csrattrs_with_tls_unique(tmp_path):
 
 
 def test_device_csrattrs_without_tls_unique(tmp_path):
-    der = wire.device_csrattrs(require_tls_unique=False)
-    assert CHALLENGE_PASSWORD not in wire.parse_csrattrs(der)
+    der = csrattrs.device_csrattrs(require_tls_unique=False)
+    assert CHALLENGE_PASSWORD not in csrattrs.parse_csrattrs(der)
     assert ":challengePassword" not in asn1parse(tmp_path, der)
 
 
 def test_device_csrattrs_p384(tmp_path):
-    der = wire.device_csrattrs(require_tls_unique=False, curve="P-384")
-    assert wire.parse_csrattrs(der) == [ECDSA_SHA384, f"{EC_PUBLIC_KEY}={SECP384R1}"]
+    der = csrattrs.device_csrattrs(require_tls_unique=False, curve="P-384")
+    assert csrattrs.parse_csrattrs(der) == [ECDSA_SHA384, f"{EC_PUBLIC_KEY}={SECP384R1}"]
     parsed = asn1parse(tmp_path, der)
     assert ":secp384r1" in parsed and ":ecdsa-with-SHA384" in parsed
 
 
 def test_parse_rfc_example():
-    assert wire.parse_csrattrs(RFC_EXAMPLE) == [
+    assert csrattrs.parse_csrattrs(RFC_EXAMPLE) == [
         CHALLENGE_PASSWORD,
         f"{EC_PUBLIC_KEY}={SECP384R1}",
         f"{EXTENSION_REQUEST}={MAC_ADDRESS}",
@@ -256,31 +256,31 @@ def test_parse_rfc_example():
 
 
 def test_build_rfc_example_entries(tmp_path):
-    der = wire.csrattrs_body(
+    der = csrattrs.csrattrs_body(
         [oid(CHALLENGE_PASSWORD), oid(ECDSA_SHA384)],
         {oid(EC_PUBLIC_KEY): [oid(SECP384R1)], oid(EXTENSION_REQUEST): [oid(MAC_ADDRESS)]},
     )
-    assert sorted(wire.parse_csrattrs(der)) == sorted(wire.parse_csrattrs(RFC_EXAMPLE))
+    assert sorted(csrattrs.parse_csrattrs(der)) == sorted(csrattrs.parse_csrattrs(RFC_EXAMPLE))
     assert len(der) == len(RFC_EXAMPLE)  # same entries, oids first: same size
     assert ":Extension Request" in asn1parse(tmp_path, der)
 
 
 def test_csrattrs_raw_values_sorted_as_der_set():
     utf8 = b"\x0c\x03abc"
-    der = wire.csrattrs_body([], {oid("1.2.3.4"): [utf8, oid(SECP256R1)]})
+    der = csrattrs.csrattrs_body([], {oid("1.2.3.4"): [utf8, oid(SECP256R1)]})
     # DER sorts SET OF members by encoding: the OID (tag 06) before the UTF8String (0c).
-    assert wire.parse_csrattrs(der) == [f"1.2.3.4={SECP256R1},#0c03616263"]
+    assert csrattrs.parse_csrattrs(der) == [f"1.2.3.4={SECP256R1},#0c03616263"]
 
 
 def test_csrattrs_empty():
-    assert wire.csrattrs_body([]) == b"\x30\x00"
-    assert wire.parse_csrattrs(b"\x30\x00") == []
-    assert wire.parse_csrattrs(b"") == []
+    assert csrattrs.csrattrs_body([]) == b"\x30\x00"
+    assert csrattrs.parse_csrattrs(b"\x30\x00") == []
+    assert csrattrs.parse_csrattrs(b"") == []
 
 
 def test_csrattrs_attribute_needs_a_value():
     with pytest.raises(ValueError, match="needs at least one value"):
-        wire.csrattrs_body([], {oid("1.2.3.4"): []})
+        csrattrs.csrattrs_body([], {oid("1.2.3.4"): []})
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_csrattrs_attribute_needs_a_value():
     ids=["junk", "truncated", "trailing", "integer-entry"],
 )
 def test_parse_csrattrs_refuses_malformed(der):
-    refused("bad-csrattrs", "CSR attributes are not valid DER", wire.parse_csrattrs, der)
+    refused("bad-csrattrs", "CSR attributes are not valid DER", csrattrs.parse_csrattrs, der)
 
 
 # --- serverkeygen multipart (RFC 7030 §4.4.2) -----------------------------------------

@@ -110,7 +110,9 @@ class EstClient:
         if status == 204:
             return []
         _raise_unless_ok(status, body)
-        return wire.parse_csrattrs(wire.decode_body(body))
+        from .csrattrs import parse_csrattrs  # asn1crypto: loaded only by the one call needing it
+
+        return parse_csrattrs(wire.decode_body(body))
 
     async def simpleenroll(self, csr: x509.CertificateSigningRequest) -> x509.Certificate | Pending:
         """First certificate for a new device (HTTP Basic or a manufacturer cert)."""

@@ -62,9 +62,9 @@ from certfleet.store.schema import (
     utcnow,
 )
 
+from .csrattrs import device_csrattrs
 from .errors import EstError, bad_request, forbidden, unauthorized
 from .policy import EstPolicy
-from .wire import device_csrattrs
 
 log = logging.getLogger(__name__)
 
