@@ -230,14 +230,26 @@ def test_a_refused_new_certificate_is_rolled_back(lab, tmp_path):
         ("CertRotationCompleted", False),
     ]
     assert story["status"] == "failed"
+    assert_unlocked(lab, device, journal)
 
-    # The gateway still has the rolled-back key announced; the next rotation replaces it.
     old = keep_old(device, tmp_path)
     done = lab.rotate(device, "--rotation-id", "certs-1700000005")
     assert done.returncode == 0, done.stderr
     assert_rotated(lab, device, "certs-1700000005", old)
     lock = device.journal("certs-1700000005")["results"][1]["details"]
-    assert lock["replaced_next_key"] == journal["results"][0]["details"]["key_sha256"]
+    assert lock["replaced_next_key"] is None, "the rolled-back key was withdrawn"
+
+
+def assert_unlocked(lab: Lab, device: DeviceDir, journal: dict) -> None:
+    """The undone rotation withdrew its next key: config is open to the operator again."""
+    summary = journal.get("summary") or journal.get("reason") or ""
+    assert "config lock lifted (next key withdrawn)" in summary, summary
+    status, _, body = lab.call(device, "GET", "/device")
+    view = json.loads(body)
+    assert status == 200 and not view["config_locked"] and view["next_pubkey_sha256"] is None
+    same = f"api-key={DEVICE_VALUES['api-key']}"  # the values stay what the later checks expect
+    changed = lab.admin("config", "set", "--device", device.uuid, same, "--reason", "unlocked")
+    assert changed.returncode == 0, changed.stderr
 
 
 def test_abandon_undoes_an_unfinished_rotation(lab, tmp_path):
@@ -262,6 +274,7 @@ def test_abandon_undoes_an_unfinished_rotation(lab, tmp_path):
     story = lab.store(rotation_events, device.uuid, "certs-1700000006")
     assert story["events"][-1] == ("CertRotationCompleted", False)
     assert "operator wants a later window" in story["details"][-1]
+    assert_unlocked(lab, device, journal)
 
     again = lab.rotate(device, "--abandon", "nothing left")
     assert again.returncode == 0 and "no unfinished rotation" in again.stdout
@@ -356,6 +369,7 @@ def test_renewal_starts_when_due(lab, tmp_path, caplog):
     assert lab.store(is_denied, fingerprint(old[0]))
     story = lab.store(rotation_events, device.uuid, rotation_id)
     assert story["events"] == [(step, True) for step in STEPS]
+    assert story["kind"] == "cert-rotation", "a renewal is a rotation on the server too"
     # Nothing is due until the new certificate is.
     fresh_due = due_at(device.cert(), settings.renewal)
     assert rotation.renew_if_due(settings, now=fresh_due - dt.timedelta(seconds=1)) is None

@@ -10,8 +10,9 @@
 After each: the rotation is completed, the device's credential works, the old
 certificate is deny-listed, every certificate the EST server issued for the device is
 its current one, its old one, or one for the new key the journal recorded (only a
-lost write can leave that), config opens with the new key, and the gateway recorded
-each step once, in order, as a success. One server serves the whole file.
+lost write can leave that, and the key change deny-lists it), config opens with the
+new key, and the gateway recorded each step once, in order, as a success. One server
+serves the whole file.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def assert_converged(
     if lost_writes:
         recorded = journal["progress"]["est_request"]["key_sha256"]
         assert all(c["pubkey"] == recorded for c in orphans), orphans
+        # The key change denied them: none of them works for anyone.
+        assert all(c["status"] == "superseded" for c in orphans), orphans
+        assert all(lab.store(is_denied, c["sha256"]) for c in orphans), orphans
     else:
         assert orphans == [], "a crash never makes the EST server issue a second certificate"
 
@@ -155,7 +159,7 @@ def test_power_cut_at_every_durable_write(lab, tmp_path):
     assert exercised == list(range(1, WRITES + 1))
 
 
-def test_a_lost_certificate_write_leaves_only_a_recorded_unusable_certificate(lab, tmp_path):
+def test_a_lost_certificate_write_leaves_no_usable_extra_certificate(lab, tmp_path):
     device = lab.quick_device()
     before = Before(lab, device, tmp_path)
     # Write 4 is the new certificate: the EST server issued it, the device lost it.
@@ -166,8 +170,12 @@ def test_a_lost_certificate_write_leaves_only_a_recorded_unusable_certificate(la
     issued = lab.store(issued_certificates, device.uuid)
     assert len(issued) == 3
     current = fingerprint(device.current()[0])
-    orphan = next(c for c in issued if c["status"] == "active" and c["sha256"] != current)
-    assert orphan["pubkey"] == journal["progress"]["est_request"]["key_sha256"]
+    new_key = journal["progress"]["est_request"]["key_sha256"]
+    (orphan,) = [c for c in issued if c["pubkey"] == new_key and c["sha256"] != current]
+    # The key change denied the certificate the device never received.
+    assert orphan["status"] == "superseded"
+    assert lab.store(is_denied, orphan["sha256"])
+    assert [c["sha256"] for c in issued if c["status"] == "active"] == [current]
 
 
 def test_server_down_before_the_rotation(lab, tmp_path):

@@ -344,6 +344,10 @@ def _bad_config_inputs(
             404,
             deleted,
         ),
+        ("POST", f"/v1/devices/{locked}/unlock", {"body": {}}, 400, "field 'reason' is missing"),
+        ("POST", f"/v1/devices/{locked}/unlock", {"body": {"reason": " "}}, 400, "give a --reason"),
+        ("POST", f"/v1/devices/{deleted}/unlock", {"body": {"reason": "r"}}, 404, deleted),
+        ("POST", "/v1/devices/nope/unlock", {"body": {"reason": "r"}}, 400, "not a device uuid"),
     ]
 
 

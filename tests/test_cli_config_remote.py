@@ -10,9 +10,10 @@ import time
 from cryptography.hazmat.primitives import serialization
 
 from certfleet.pki import ecies
+from certfleet.pki.keys import generate_private_key, pubkey_sha256, public_key_pem
 
 from .api_fixtures import ApiEnv, api_env  # noqa: F401
-from .test_cli_devices import Cli, gateway_json, register
+from .test_cli_devices import Cli, gateway, gateway_json, register
 
 
 def _decrypt(folder, value: str) -> str:
@@ -95,5 +96,44 @@ async def test_config_and_groups_local_and_remote(api_env: ApiEnv, tmp_path):  #
         "config", "set", "--factory-wide", "a=b", "--reason", "r", remote=True, scope="read",
         expect=2,
     )  # fmt: skip
+    assert "needs a token with scope 'rotate'" in read_only.stderr
+    env.stop()
+
+
+async def test_devices_unlock_withdraws_the_next_key_local_and_remote(api_env: ApiEnv, tmp_path):  # noqa: F811
+    env = api_env
+    env.start()
+    cli = Cli(env)
+    folder = tmp_path / "d1"
+    device = register(env, folder, "lab")
+    for remote in (True, False):
+        key = generate_private_key().public_key()
+        assert gateway(env, folder, "PATCH", "/device", {"next_pubkey": public_key_pem(key)}) == 200
+        locked = cli.run(
+            "config", "set", "--device", device, "a=b", "--reason", "r", remote=remote, expect=2
+        )  # fmt: skip
+        assert "or `certfleet devices unlock` ends the rotation" in " ".join(locked.stderr.split())
+
+        said = cli.run("devices", "unlock", device, "--reason", "device lost", remote=remote)
+        assert said.stdout == (
+            f"device {device} unlocked: next key sha256 {pubkey_sha256(key)} withdrawn\n"
+        )
+        view = gateway_json(env, folder, "/device")
+        assert not view["config_locked"] and view["next_pubkey_sha256"] is None
+        cli.run("config", "set", "--device", device, "a=b", "--reason", "r", remote=remote)
+
+    again = cli.json("devices", "unlock", device, "--reason", "again", remote=True)
+    assert again == {"uuid": device, "unlocked": False, "withdrawn_pubkey_sha256": None}
+    nothing = cli.run("devices", "unlock", device, "--reason", "again", remote=False)
+    assert "has no next key announced" in nothing.stdout
+    refused = [
+        (("devices", "unlock", "nope", "--reason", "r"), "HTTP 400"),
+        (("devices", "unlock", device, "--reason", " "), "give a --reason"),
+    ]
+    for args, reason in refused:
+        assert reason in cli.run(*args, remote=True, expect=2).stderr
+    read_only = cli.run(
+        "devices", "unlock", device, "--reason", "r", remote=True, scope="read", expect=2
+    )
     assert "needs a token with scope 'rotate'" in read_only.stderr
     env.stop()

@@ -23,7 +23,12 @@ from cryptography.x509.oid import NameOID
 
 from certfleet.fleet import pki_admin
 from certfleet.gateway.errors import GatewayError
-from certfleet.pki.keys import cert_sha256, generate_private_key, public_key_pem
+from certfleet.pki.keys import (
+    cert_sha256,
+    generate_private_key,
+    pubkey_sha256,
+    public_key_pem,
+)
 from certfleet.store import certificates, denylist, devices
 from certfleet.store.schema import CertStatus
 
@@ -361,6 +366,31 @@ async def another_next_key_without_replace(env):
     return call(
         env, "PATCH", "/device", device, json_body={"next_pubkey": key_pem(generate_private_key())}
     )
+
+
+@case(400, "give ?sha256=<hex SHA-256 of the next key's SubjectPublicKeyInfo> to withdraw")
+async def withdraw_without_sha256(env):
+    device, _ = await announced(env)
+    return call(env, "DELETE", "/device/next-key", device)
+
+
+@case(400, "sha256 must be 64 hex digits")
+async def withdraw_with_a_bad_sha256(env):
+    device, _ = await announced(env)
+    return call(env, "DELETE", "/device/next-key?sha256=abc", device)
+
+
+@case(409, "nothing withdrawn")
+async def withdraw_another_key(env):
+    device, _ = await announced(env)
+    other = pubkey_sha256(generate_private_key().public_key())
+    return call(env, "DELETE", f"/device/next-key?sha256={other}", device)
+
+
+@case(401, "this endpoint needs the device's client certificate")
+async def withdraw_without_client_cert(env):
+    _, key = await announced(env)
+    return call(env, "DELETE", f"/device/next-key?sha256={pubkey_sha256(key.public_key())}", None)
 
 
 @case(409, "no next key is announced: PATCH /device with next_pubkey first")

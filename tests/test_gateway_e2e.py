@@ -17,8 +17,8 @@ import pytest
 from certfleet.events import names
 from certfleet.fleet import config_admin, pki_admin
 from certfleet.pki import ecies
-from certfleet.pki.keys import cert_sha256, generate_private_key, public_key_pem
-from certfleet.store import denylist, updates
+from certfleet.pki.keys import cert_sha256, generate_private_key, pubkey_sha256, public_key_pem
+from certfleet.store import audit, denylist, updates
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.schema import ConfigScope, RegisteredVia, UpdateStatus
 
@@ -389,6 +389,43 @@ async def test_announcing_another_next_key_needs_replace(env):
     assert reply.status == 200
     row = await env.device_row(device.uuid)
     assert row.next_pubkey_pem == pem_of(second) and row.config_locked
+
+
+async def test_a_withdrawn_next_key_unlocks_config_and_is_refused_afterwards(env):
+    device = await env.device()
+    new_key = generate_private_key()
+    wanted = pubkey_sha256(new_key.public_key())
+    body = {"next_pubkey": pem_of(new_key)}
+    assert (await env.call("PATCH", "/device", device=device, json_body=body)).status == 200
+
+    # curl and openssl, as docs/gateway.md shows it: the fingerprint is of the SPKI DER.
+    next_pub = device.key_path.parent / "next.pub"
+    next_pub.write_text(pem_of(new_key))
+    sha256 = f"$(openssl pkey -pubin -in {next_pub} -outform DER | sha256sum | cut -c1-64)"
+    code, out, err = await run_shell(
+        f"curl -sS --fail -X DELETE --cacert {env.root()} --cert {device.cert_path} "
+        f'--key {device.key_path} "{env.gateway_url("/device/next-key")}?sha256={sha256}"'
+    )
+    assert code == 0, err
+    view = json.loads(out)
+    assert view["withdrawn"] is True
+    assert not view["config_locked"] and view["next_pubkey_sha256"] is None
+    row = await env.device_row(device.uuid)
+    assert (row.config_locked, row.next_pubkey_sha256, row.next_pubkey_pem) == (False, None, None)
+    path = f"/device/next-key?sha256={wanted.upper()}"
+    again = await env.call("DELETE", path, device=device)
+    assert again.status == 200 and json.loads(again.body)["withdrawn"] is False
+
+    # The operator's device config goes through again, and the withdrawn key is refused.
+    await cli(
+        "config", "set", "--device", device.uuid, "wifi=open again", "--reason", "test",
+        "--database", env.db_url,
+    )  # fmt: skip
+    late = await env.call("GET", "/config", device=await env.renewed(device, key=new_key))
+    assert late.status == 403 and "announced" in late.text, late.text
+    async with env.store.transaction() as session:
+        trail = [entry.action for entry in await audit.list_audit(session, target=device.uuid)]
+    assert "device.next-key-withdrawn" in trail
 
 
 # -- update events and applied config ----------------------------------------------------------

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+# Audit actions of a device's next key: written by the gateway (the device announces or
+# withdraws it) and by the operator's unlock, read by the operator's config commands.
+NEXT_KEY_ACTION = "device.next-key"
+NEXT_KEY_WITHDRAWN_ACTION = "device.next-key-withdrawn"
+
 DEVICE_REGISTERED = "DEVICE_REGISTERED"
 DEVICE_DELETED = "DEVICE_DELETED"
 DEVICE_PUBKEY_CHANGE = "DEVICE_PUBKEY_CHANGE"

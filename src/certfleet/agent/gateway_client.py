@@ -92,6 +92,11 @@ class GatewayClient:
         body = {"next_pubkey": public_key_pem, "replace": replace}
         return self.call("PATCH", "/device", body).json()
 
+    def withdraw_next_key(self, pubkey_sha256: str) -> bool:
+        """DELETE /device/next-key: take back the announced key; True if it was still announced."""
+        answer = self.call("DELETE", f"/device/next-key?sha256={pubkey_sha256}")
+        return bool(answer.json().get("withdrawn"))
+
     def device_config(self) -> dict[str, Any]:
         """The device-scope files as stored (values encrypted to the current key)."""
         return self.call("GET", "/config-device").json()

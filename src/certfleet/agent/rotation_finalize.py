@@ -14,9 +14,10 @@ Finalize, in this order, each part safe to repeat after a crash:
 If the gateway refuses the new certificate while the old one still works, the
 rotation is rolled back: `sota.toml` names the old files again, the local and
 the server copy of the device config are re-encrypted for the old key, and the
-new key is deleted. The gateway keeps the new key announced (there is no way
-to withdraw it); the next rotation replaces it, since the journal shows that
-this device made it.
+new key is withdrawn on the gateway (which lifts the config lock) and deleted.
+If the server's copy cannot be put back, the key stays announced and kept, so
+nothing encrypted to it is lost; the next rotation replaces it, since the
+journal shows that this device made it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from . import https, rotation_keys
 from .gateway_client import GatewayRefused
 from .rotation_context import (
     FINALIZE,
+    GENERATE,
     LOCAL_CONFIG,
+    LOCK,
     SERVER_CONFIG,
     Credential,
     Fail,
@@ -209,10 +212,29 @@ def rollback(ctx: RotationContext) -> list[str]:
     if keep_new_key:
         said.append("the new key is kept: server values are still encrypted to it")
     else:
+        if ctx.reached(LOCK):
+            said.append(_lift_lock(ctx))
         removed = rotation_keys.remove_credential(ctx, ctx.new)
         if removed:
             said.append(f"removed {', '.join(removed)}")
     return said
+
+
+def _lift_lock(ctx: RotationContext) -> str:
+    """Withdraw the key the rotation announced, so the device's config is unlocked again."""
+    key_sha256 = ctx.step_details(GENERATE)["key_sha256"]
+    try:
+        withdrawn = ctx.gateway(ctx.old).withdraw_next_key(key_sha256)
+    except GatewayRefused as exc:
+        if exc.code == "other-next-key":
+            return "config lock kept: another next key was announced meanwhile"
+        failure = gateway_failure(exc)
+        if isinstance(failure, Retry):
+            raise failure from None
+        return f"config lock not lifted ({failure})"
+    except https.Unreachable as exc:
+        raise Retry(f"gateway unreachable: {exc}") from None
+    return "config lock lifted (next key withdrawn)" if withdrawn else "no next key left announced"
 
 
 def _sota_back(ctx: RotationContext) -> None:

@@ -79,6 +79,19 @@ async def move_to_group(request: web.Request) -> web.Response:
     return _json({"moved": change is not None, "change": change.as_dict() if change else None})
 
 
+async def unlock_config(request: web.Request) -> web.Response:
+    """POST /v1/devices/{uuid}/unlock {"reason"}: withdraw the device's announced next key."""
+    params.query(request, ())
+    body = await params.json_object(request, {"reason": str})
+    unlocked = await config_admin.unlock_config(
+        request.app[STORE],
+        request.match_info["uuid"],
+        reason=body["reason"],
+        actor=request[CALLER].actor,
+    )
+    return _json(unlocked)
+
+
 def _scope(name: str, key: str | None) -> ConfigScope:
     if name not in SCOPES:
         raise bad_request(f"scope {name!r} is not one of {', '.join(SCOPES)}")
@@ -143,6 +156,17 @@ def config_endpoints() -> list[Endpoint]:
             "next check-in",
             schemas.ref("GroupMoved"),
             body=schemas.ref("GroupMoveRequest"),
+            errors=(400, 404, 413),
+        ),
+        Endpoint(
+            "POST",
+            "/v1/devices/{uuid}/unlock",
+            unlock_config,
+            ROTATE,
+            "Withdraw the next key a device announced, which unlocks its config; for a "
+            "rotation that will not finish (its device then rolls back if it goes on)",
+            schemas.ref("Unlocked"),
+            body=schemas.ref("DenyRequest"),
             errors=(400, 404, 413),
         ),
     ]

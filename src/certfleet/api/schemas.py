@@ -315,6 +315,11 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         moved={"type": "boolean", "description": "false: it was in that group already"},
         change={"oneOf": [_CONFIG_CHANGE, {"type": "null"}]},
     ),
+    "Unlocked": _object(
+        uuid=_STR,
+        unlocked={"type": "boolean", "description": "false: no next key was announced"},
+        withdrawn_pubkey_sha256={**_OPT_STR, "description": "sha256 of the withdrawn key"},
+    ),
     "Campaign": _CAMPAIGN,
     "CampaignCreateRequest": _CAMPAIGN_CREATE,
     "CampaignPlan": _CAMPAIGN_PLAN,

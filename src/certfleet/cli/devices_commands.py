@@ -163,6 +163,26 @@ def move(
         click.echo(f"device {device} is in {f'group {group}' if group else 'no group'} already")
 
 
+@devices.command("unlock")
+@click.argument("device", metavar="UUID")
+@click.option("--reason", required=True, help="Why; kept in the audit log.")
+@fleet_options
+def unlock(device: str, reason: str, as_json: bool, **where: Any) -> None:
+    """Withdraw the next key device UUID announced, which unlocks its config.
+
+    For a rotation that will not finish. If the device goes on with it, the
+    gateway refuses the new key and the device rolls back to its old one.
+    """
+    unlocked = fleet_from(where).unlock(device, reason)
+    if as_json:
+        print_json(unlocked)
+    elif unlocked["unlocked"]:
+        sha = unlocked["withdrawn_pubkey_sha256"]
+        click.echo(f"device {device} unlocked: next key sha256 {sha} withdrawn")
+    else:
+        click.echo(f"device {device} has no next key announced; its config is not locked")
+
+
 @devices.command("deny")
 @click.argument("device", required=False, metavar="[UUID]")
 @click.option("--serial", metavar="S", help="Deny the certificate with this hex serial.")

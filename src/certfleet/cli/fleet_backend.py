@@ -40,6 +40,7 @@ class Fleet(Protocol):
     def set_config(self, change: dict[str, Any]) -> dict: ...
     def config_log(self, query: dict[str, Any]) -> list[dict]: ...
     def move(self, uuid: str, group: str, reason: str) -> dict: ...
+    def unlock(self, uuid: str, reason: str) -> dict: ...
     def timeline(self, uuid: str, correlation_id: str) -> dict: ...
     def expiry(self, not_seen: str | None, renewal_window: str | None) -> dict: ...
 
@@ -121,6 +122,9 @@ class LocalFleet:
         change = self._run(config_admin.move_to_group, uuid, group, reason=reason, actor=ACTOR)
         return {"moved": change is not None, "change": change.as_dict() if change else None}
 
+    def unlock(self, uuid: str, reason: str) -> dict:
+        return self._run(config_admin.unlock_config, uuid, reason=reason, actor=ACTOR)
+
     def timeline(self, uuid: str, correlation_id: str) -> dict:
         return self._run(device_views.update_timeline, uuid, correlation_id)
 
@@ -174,6 +178,10 @@ class RemoteFleet:
     def move(self, uuid: str, group: str, reason: str) -> dict:
         body = {"group": group, "reason": reason}
         return self.api.call("POST", f"/v1/devices/{quote(uuid)}/group", body=body)
+
+    def unlock(self, uuid: str, reason: str) -> dict:
+        body = {"reason": reason}
+        return self.api.call("POST", f"/v1/devices/{quote(uuid)}/unlock", body=body)
 
     def timeline(self, uuid: str, correlation_id: str) -> dict:
         path = f"/v1/devices/{quote(uuid)}/updates/{quote(correlation_id)}"

@@ -20,14 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from certfleet.events import names
 from certfleet.pki import ecies
 from certfleet.pki.keys import pubkey_sha256
+from certfleet.protocol import NEXT_KEY_ACTION, NEXT_KEY_WITHDRAWN_ACTION
 from certfleet.store import audit, certificates, config_files, devices, factories, outbox
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.engine import Store, opened
 from certfleet.store.errors import NotFoundError, StoreError
 from certfleet.store.schema import ConfigLog, ConfigScope, Device, Factory
-
-# Written by the gateway when a device announces its next key (PATCH /device).
-NEXT_KEY_ACTION = "device.next-key"
 
 
 class ConfigLockedError(StoreError):
@@ -223,6 +221,33 @@ def _check_files(files: Mapping[str, ConfigValue]) -> None:
             raise StoreError(problem)
 
 
+async def unlock_config(
+    store: Store | str, device: str, *, reason: str, actor: str
+) -> dict[str, Any]:
+    """Withdraw the next key a device announced, which unlocks its config.
+
+    For a rotation that will not finish (a dead device, a lost journal). If the
+    device's rotation does go on, the gateway refuses its new key and the agent
+    rolls back to the old one.
+    """
+    if not reason.strip():
+        raise StoreError("give a --reason: it is kept in the audit log")
+    async with opened(store) as ready, ready.transaction() as session:
+        row = await _device(session, device, lock=True)
+        announced = row.next_pubkey_sha256
+        if announced is None:
+            return {"uuid": row.uuid, "unlocked": False, "withdrawn_pubkey_sha256": None}
+        await devices.withdraw_next_key(session, row.uuid, announced)
+        await audit.append_audit(
+            session,
+            actor=actor,
+            action=NEXT_KEY_WITHDRAWN_ACTION,
+            target=row.uuid,
+            details={"pubkey_sha256": announced, "reason": reason},
+        )
+        return {"uuid": row.uuid, "unlocked": True, "withdrawn_pubkey_sha256": announced}
+
+
 async def _for_device(
     session: AsyncSession, device: Device, files: Mapping[str, ConfigValue]
 ) -> tuple[dict[str, ConfigValue], str | None]:
@@ -231,7 +256,7 @@ async def _for_device(
         raise ConfigLockedError(
             f"device {device.uuid} is rotating its key (next key announced at "
             f"{await _announced_at(session, device.uuid)}); config changes wait until it "
-            "connects with the new key"
+            "connects with the new key, or `certfleet devices unlock` ends the rotation"
         )
     if all(f.unencrypted for f in files.values()):
         return dict(files), None

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from certfleet.refusals import framework_refusal, log_fault, log_refusal, method_not_allowed
 
+from . import wire
 from .config import http_date
 from .errors import GatewayError, no_client_cert, too_large
 from .peer import client_cert
@@ -58,6 +59,7 @@ def make_gateway_app(
         [
             web.get("/device", handlers.get_device),
             web.patch("/device", handlers.patch_device),
+            web.delete("/device/next-key", handlers.delete_next_key),
             web.get("/config", handlers.get_config),
             web.patch("/config", handlers.patch_config),
             web.get("/config-device", handlers.get_config_device),
@@ -90,6 +92,11 @@ class _Handlers:
     async def patch_device(self, request: web.Request) -> web.Response:
         cert = _cert(request)
         return _json(await self.service.announce_next_key(cert, await self._body(request)))
+
+    async def delete_next_key(self, request: web.Request) -> web.Response:
+        cert = _cert(request)
+        wanted = wire.withdrawn_key(request.query.get("sha256"))
+        return _json(await self.service.withdraw_next_key(cert, wanted))
 
     async def get_config(self, request: web.Request) -> web.Response:
         cert = _cert(request)

@@ -7,8 +7,10 @@ Checks, in this order (every refusal is a 403 with its reason):
 3. it is the device's current certificate: accepted (one query);
 4. it is new to a known device: accepted only if its key is the next key the
    device announced (PATCH /device); then, in one transaction, it becomes
-   current, the old one is superseded and deny-listed and the config lock is
-   lifted. Any other key is refused, and an alert event is committed on its own;
+   current, the old one and any other active certificate of the device (issued
+   for a rotation that never finished) are superseded and deny-listed, and the
+   config lock is lifted. Any other key is refused, and an alert event is
+   committed on its own;
 5. its device is unknown: registered on first use if an active device CA of
    the factory issued it; a disabled CA registers nothing;
 6. a deleted device is refused whatever it presents.
@@ -372,24 +374,18 @@ class IdentityResolver:
             raise _Raced
         now = utcnow()
         await devices.mark_seen(session, claim.uuid, now)
+        denied: list[str] = []
+        kept = [row.id]
         if old is not None:
-            await certificates.set_certificate_status(session, old.id, CertStatus.SUPERSEDED)
-            await denylist.add_denied(
-                session,
-                old.sha256,
-                reason="replaced by key change",
-                serial=old.serial,
-                device_uuid=claim.uuid,
-            )
-            # Same event as an operator's deny, so consumers see every deny-list entry.
-            denied = {
-                "sha256": old.sha256,
-                "serial": old.serial,
-                "uuid": claim.uuid,
-                "reason": "replaced by key change",
-                "time": names.rfc3339(now),
-            }
-            await outbox.append_event(session, names.DENYLIST_ADDED, denied, device_uuid=claim.uuid)
+            denied.append(await _supersede(session, old, claim.uuid, "replaced by key change", now))
+            kept.append(old.id)
+        # What EST issued for rotations that never finished (a lost answer's repeat, a
+        # key the device dropped). After the switch, so only the request that won does it.
+        unused = await certificates.active_device_certificates(
+            session, claim.uuid, kept, valid_at=now
+        )
+        reason = f"unused: issued for a rotation, replaced by key change to {claim.serial}"
+        denied += [await _supersede(session, cert, claim.uuid, reason, now) for cert in unused]
         payload = {
             "uuid": claim.uuid,
             "group": device.group_name,
@@ -405,10 +401,19 @@ class IdentityResolver:
             actor=ACTOR,
             action="device.key-change",
             target=claim.uuid,
-            details={"old_sha256": old.sha256 if old else None, "new_sha256": claim.sha256},
+            details={
+                "old_sha256": old.sha256 if old else None,
+                "new_sha256": claim.sha256,
+                "unused_serials": [cert.serial for cert in unused],
+            },
         )
-        log.info("device %s changed its key (cert serial %s)", claim.uuid, claim.serial)
-        return [old.sha256] if old is not None else []
+        log.info(
+            "device %s changed its key (cert serial %s); %d unused certificate(s) denied",
+            claim.uuid,
+            claim.serial,
+            len(unused),
+        )
+        return denied
 
     def _wrong_key(self, claim: Claim, device: Device) -> _Refused:
         announced = device.next_pubkey_sha256
@@ -591,6 +596,27 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+async def _supersede(
+    session: AsyncSession, cert: Certificate, device_uuid: str, reason: str, now: dt.datetime
+) -> str:
+    """Mark `cert` superseded and deny-list it (DENYLIST_ADDED if new); its fingerprint."""
+    await certificates.set_certificate_status(session, cert.id, CertStatus.SUPERSEDED)
+    new = not await denylist.is_denied(session, cert.sha256)
+    await denylist.add_denied(
+        session, cert.sha256, reason=reason, serial=cert.serial, device_uuid=device_uuid
+    )
+    if new:  # the same event as an operator's deny, so consumers see every deny-list entry
+        payload = {
+            "sha256": cert.sha256,
+            "serial": cert.serial,
+            "uuid": device_uuid,
+            "reason": reason,
+            "time": names.rfc3339(now),
+        }
+        await outbox.append_event(session, names.DENYLIST_ADDED, payload, device_uuid=device_uuid)
+    return cert.sha256
 
 
 def _pubkey_pem(row: Certificate | None) -> str | None:

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.events import names
 from certfleet.pki.authority import FactoryAuthority
-from certfleet.protocol import ROTATION_PREFIXES
+from certfleet.protocol import NEXT_KEY_ACTION, NEXT_KEY_WITHDRAWN_ACTION, ROTATION_PREFIXES
 from certfleet.store import audit, config_files, devices, outbox, updates
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.engine import Store
@@ -40,8 +40,6 @@ from .policy import GatewayPolicy
 T = TypeVar("T")
 Work = Callable[[AsyncSession, DeviceIdentity], Awaitable[T]]
 
-# The operator's config commands read when the lock began from this audit action.
-NEXT_KEY_ACTION = "device.next-key"
 ROTATION_COMPLETED = "CertRotationCompleted"
 
 
@@ -127,6 +125,42 @@ class GatewayService:
                     details={"pubkey_sha256": wanted.sha256, "replaced": announced},
                 )
             return await _device_view(session, me)
+
+        return await self._as_device(cert, work)
+
+    async def withdraw_next_key(
+        self, cert: x509.Certificate | None, pubkey_sha256: str
+    ) -> dict[str, Any]:
+        """DELETE /device/next-key: take back the announced next key and unlock the config.
+
+        For a rotation that failed or was abandoned. Naming the key keeps a late
+        or repeated withdrawal from undoing a newer announcement; withdrawing
+        when nothing is announced changes nothing.
+        """
+
+        async def work(session: AsyncSession, me: DeviceIdentity) -> dict[str, Any]:
+            announced = me.next_pubkey_sha256
+            if announced is None:
+                return {**_view(me), "withdrawn": False}
+            if announced != pubkey_sha256:
+                raise conflict(
+                    "other-next-key",
+                    f"the announced next key is sha256 {announced[:16]}…, not "
+                    f"{pubkey_sha256[:16]}…; nothing withdrawn",
+                )
+            if not await devices.withdraw_next_key(session, me.uuid, pubkey_sha256):
+                raise conflict(
+                    "other-next-key", "the announced next key changed meanwhile; nothing withdrawn"
+                )
+            await audit.append_audit(
+                session,
+                actor=f"device:{me.uuid}",
+                action=NEXT_KEY_WITHDRAWN_ACTION,
+                target=me.uuid,
+                details={"pubkey_sha256": pubkey_sha256},
+            )
+            me = dataclasses.replace(me, next_pubkey_sha256=None, config_locked=False)
+            return {**_view(me), "withdrawn": True}
 
         return await self._as_device(cert, work)
 

@@ -90,6 +90,19 @@ def next_key_request(value: Any) -> NextKey:
     return dataclasses.replace(_next_key(body), replace=replace)
 
 
+def withdrawn_key(value: str | None) -> str:
+    """The `sha256` query of DELETE /device/next-key: the next key's fingerprint, in hex."""
+    if not value:
+        raise bad_request(
+            "missing-sha256",
+            "give ?sha256=<hex SHA-256 of the next key's SubjectPublicKeyInfo> to withdraw",
+        )
+    text = value.strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise bad_request("sha256", "sha256 must be 64 hex digits (SHA-256 of the public key)")
+    return text
+
+
 def config_upload(value: Any) -> ConfigUpload:
     """The body of PATCH /config: `{"files": {name: file}, "next_pubkey": PEM}`."""
     body = _object(value, "request body")

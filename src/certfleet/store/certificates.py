@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import Row, bindparam, select, update
@@ -55,6 +56,19 @@ async def get_certificate(session: AsyncSession, sha256: str) -> Certificate:
 async def list_device_certificates(session: AsyncSession, device_uuid: str) -> list[Certificate]:
     """All certificates of a device, oldest first."""
     query = select(Certificate).where(Certificate.device_uuid == device_uuid)
+    return list(await session.scalars(query.order_by(Certificate.id)))
+
+
+async def active_device_certificates(
+    session: AsyncSession, device_uuid: str, except_ids: Iterable[int], *, valid_at: datetime
+) -> list[Certificate]:
+    """A device's active certificates still valid at `valid_at`, but `except_ids`, oldest first."""
+    query = select(Certificate).where(
+        Certificate.device_uuid == device_uuid,
+        Certificate.status == CertStatus.ACTIVE,
+        Certificate.not_after > valid_at,
+        Certificate.id.not_in(list(except_ids)),
+    )
     return list(await session.scalars(query.order_by(Certificate.id)))
 
 

@@ -89,6 +89,22 @@ async def set_next_key(
     return device
 
 
+async def withdraw_next_key(session: AsyncSession, uuid: str, pubkey_sha256: str) -> bool:
+    """Forget the announced next key `pubkey_sha256` and unlock the config.
+
+    False (and nothing changed) if that key is not the one announced now.
+    """
+    query = (
+        update(Device)
+        .where(Device.uuid == uuid)
+        .where(Device.next_pubkey_sha256 == pubkey_sha256.lower())
+        .values(next_pubkey_pem=None, next_pubkey_sha256=None, config_locked=False)
+        .execution_options(synchronize_session="fetch")
+    )
+    result = await session.execute(query)
+    return result.rowcount == 1
+
+
 async def switch_current_certificate(
     session: AsyncSession, uuid: str, *, old_cert_id: int | None, new_cert_id: int
 ) -> bool:
