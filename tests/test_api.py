@@ -302,6 +302,10 @@ def _bad_campaign_inputs() -> list[tuple[str, str, dict, int, str]]:
     return [
         ("GET", "/v1/campaigns?limit=0", {}, 400, "limit='0' must be a whole number"),
         ("GET", "/v1/campaigns/x", {}, 400, "campaign id 'x' must be a whole number"),
+        ("GET", "/v1/campaigns/%C2%B2", {}, 400, "must be a whole number from 1 to 2147483647"),
+        ("GET", "/v1/campaigns/" + "9" * 20, {}, 400, "must be a whole number from 1 to"),
+        ("GET", "/v1/campaigns/0", {}, 400, "must be a whole number from 1 to"),
+        ("GET", "/v1/devices?limit=%C2%B2", {}, 400, "must be a whole number from 1 to 1000"),
         ("GET", "/v1/campaigns/999", {}, 404, "no campaign 999"),
         ("POST", "/v1/campaigns/999/pause", {}, 404, "no campaign 999"),
         ("POST", "/v1/campaigns/1/explode", {}, 404, "is not an API path"),

@@ -187,10 +187,7 @@ def campaign_endpoints() -> list[Endpoint]:
 
 
 def _id(request: web.Request) -> int:
-    text = request.match_info["id"]
-    if not text.isdigit():
-        raise bad_request(f"campaign id {text!r} must be a whole number")
-    return int(text)
+    return params.record_id("campaign id", request.match_info["id"])
 
 
 async def _create_body(request: web.Request) -> dict[str, Any]:

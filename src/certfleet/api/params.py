@@ -14,6 +14,8 @@ from .errors import bad_request
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d{1,6})([smhdw])")
+# Ids are 32-bit integer columns (PostgreSQL refuses a larger value with a 500).
+MAX_ID = 2**31 - 1
 
 
 def parse_duration(name: str, text: str) -> dt.timedelta:
@@ -38,11 +40,24 @@ def query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
     return seen
 
 
+def is_whole_number(text: str) -> bool:
+    """ASCII digits only, at most 18 of them: what int() takes and a store column holds."""
+    # str.isdigit alone passes digits int() refuses, such as '²'.
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+def record_id(what: str, text: str) -> int:
+    """A stored row's id from a path segment; 400 unless it is 1 to MAX_ID."""
+    if not is_whole_number(text) or not 1 <= int(text) <= MAX_ID:
+        raise bad_request(f"{what} {text!r} must be a whole number from 1 to {MAX_ID}")
+    return int(text)
+
+
 def integer(name: str, text: str | None, default: int, low: int, high: int) -> int:
     """An integer parameter within [low, high]."""
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not is_whole_number(text) or not low <= int(text) <= high:
         raise bad_request(f"{name}={text!r} must be a whole number from {low} to {high}")
     return int(text)
 
