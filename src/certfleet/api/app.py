@@ -4,6 +4,8 @@ Every answer carries `X-Request-ID` (the client's, if it sent a sane one) and
 `X-Certfleet-Worker`; every refusal is JSON `{"error", "message",
 "request_id"}` with a 4xx status, is logged at INFO, and changes nothing.
 Tokens are never logged: refusals name the token's id and name at most.
+Paths under /dashboard are the HTML dashboard (`dashboard.py`): its own
+router and cookie sign-in, and its refusals are HTML pages.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from certfleet.refusals import framework_refusal, log_fault, log_refusal, method
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import NotFoundError, StoreError
 
-from . import auth
+from . import auth, dashboard
 from .campaign_routes import campaign_endpoints
 from .config_routes import config_endpoints
 from .device_routes import device_endpoints
@@ -123,10 +125,14 @@ async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse
     request[REQUEST_ID] = _request_id(request)
     try:
         _check_body_size(request)
-        token = await _authorize(request)
-        response = await handler(request)
-        if token is not None:
-            await auth.record_use(request.app[STORE], token)
+        if dashboard.owns(request.path):
+            # HTML pages with their own router and cookie sign-in; not API routes.
+            response = await dashboard.dispatch(request)
+        else:
+            token = await _authorize(request)
+            response = await handler(request)
+            if token is not None:
+                await auth.record_use(request.app[STORE], token)
     except web.HTTPException as exc:
         if exc.status < 400:  # a redirect or the like from an extra route
             raise
@@ -151,8 +157,11 @@ def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
         caller = request.get(CALLER)
         who = f", token {caller.token_id} '{caller.name}'" if caller else ""
         log_refusal(log, "api", request, error, who, request[REQUEST_ID])
-    body = {"error": error.code, "message": error.message, "request_id": request[REQUEST_ID]}
-    response = web.json_response(body, status=error.status, dumps=_dumps)
+    if dashboard.owns(request.path):
+        response = dashboard.error_page(request, error)
+    else:
+        body = {"error": error.code, "message": error.message, "request_id": request[REQUEST_ID]}
+        response = web.json_response(body, status=error.status, dumps=_dumps)
     response.headers.update(error.headers)
     return response
 

@@ -154,6 +154,13 @@ async def list_devices(
     )
 
 
+async def count_by_status(store: Store) -> dict[str, int]:
+    """How many devices have each status now (deleted ones included)."""
+    async with store.transaction() as session:
+        counts = await device_queries.count_by_state(session, utcnow())
+    return {state.value: n for state, n in counts.items()}
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_PAGE:
         raise StoreError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")

@@ -132,6 +132,20 @@ async def get_device_row(session: AsyncSession, uuid: str) -> DeviceRow | None:
     return None if row is None else DeviceRow(*row)
 
 
+async def count_by_state(session: AsyncSession, now: datetime) -> dict[DeviceState, int]:
+    """How many devices are in each state at ``now`` (one count per state)."""
+    counts = {}
+    for state in DeviceState:
+        query = (
+            select(func.count())
+            .select_from(Device)
+            .outerjoin(Certificate, Certificate.id == Device.current_cert_id)
+            .where(_state_condition(state, now))
+        )
+        counts[state] = int(await session.scalar(query) or 0)
+    return counts
+
+
 async def count_device_certificates(session: AsyncSession, uuid: str) -> int:
     """How many certificates the store holds for a device, current or not."""
     query = select(func.count()).select_from(Certificate).where(Certificate.device_uuid == uuid)
