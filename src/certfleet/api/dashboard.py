@@ -25,7 +25,7 @@ from certfleet.refusals import log_refusal
 from certfleet.store.engine import Store
 from certfleet.store.schema import CampaignDeviceState, CampaignStatus
 
-from . import auth, dashboard_auth, params
+from . import auth, dashboard_auth, device_routes, params
 from .errors import ApiError, not_found
 from .keys import CALLER, REQUEST_ID, STORE
 
@@ -239,16 +239,8 @@ def _campaign(view: CampaignView) -> dict[str, Any]:
 
 async def devices(request: web.Request) -> web.Response:
     """GET /dashboard/devices: the device table with the filters and paging of /v1/devices."""
-    query = _filled(params.query(request, _DEVICE_PARAMS))
-    within = query.get("expiring_within")
-    page = await device_views.list_devices(
-        request.app[STORE],
-        group=query.get("group"),
-        status=query.get("status"),
-        expiring_within=params.parse_duration("expiring_within", within) if within else None,
-        limit=_integer(query, "limit", device_views.DEFAULT_PAGE, device_views.MAX_PAGE),
-        cursor=query.get("cursor"),
-    )
+    query = _filled(params.query(request, device_routes.LIST_PARAMS))
+    page = await device_routes.devices_page(request.app[STORE], query)
     filters = {name: value for name, value in query.items() if name != "cursor"}
     return _page(
         request,
@@ -263,9 +255,6 @@ async def devices(request: web.Request) -> web.Response:
 
 def _query_string(query: dict[str, Any]) -> str:
     return f"?{urllib.parse.urlencode(query)}" if query else ""
-
-
-_DEVICE_PARAMS = ("group", "status", "expiring_within", "limit", "cursor")
 
 
 def _filled(query: dict[str, str]) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from certfleet.fleet import ca_views, denylist_admin, device_views, expiry_report, rotate_certs
+from certfleet.store.engine import Store
 
 from . import params, schemas
 from .auth import READ, ROTATE
@@ -25,17 +26,21 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 async def list_devices(request: web.Request) -> web.Response:
     """GET /v1/devices: one page of devices."""
-    query = params.query(request, LIST_PARAMS)
+    page = await devices_page(request.app[STORE], params.query(request, LIST_PARAMS))
+    return _json(page.as_dict())
+
+
+async def devices_page(store: Store, query: dict[str, str]) -> device_views.Page:
+    """The page of devices that the LIST_PARAMS in `query` ask for (also the dashboard's)."""
     within = query.get("expiring_within")
-    page = await device_views.list_devices(
-        request.app[STORE],
+    return await device_views.list_devices(
+        store,
         group=query.get("group"),
         status=query.get("status"),
         expiring_within=params.parse_duration("expiring_within", within) if within else None,
         limit=_limit(query),
         cursor=query.get("cursor"),
     )
-    return _json(page.as_dict())
 
 
 async def show_device(request: web.Request) -> web.Response:
