@@ -307,7 +307,7 @@ def quickstart(folder: Path, devices: int) -> None:
         server.stop()
     _say(f"data: {folder}   store: {db_url}")
     _say(
-        f"serve it again: certfleet server --pki {pki}  (admin API on 127.0.0.1:8445; "
-        "make a token with: certfleet tokens create --name me --scope read --pki "
-        f"{pki})"
+        f"serve it again: certfleet server --pki {pki}  (admin API and dashboard on "
+        f"https://127.0.0.1:8445/dashboard, trusting {pki}/root.crt; make a token with: "
+        f"certfleet tokens create --name me --scope read --pki {pki})"
     )
