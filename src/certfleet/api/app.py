@@ -31,6 +31,7 @@ from .device_routes import device_endpoints
 from .endpoints import Endpoint
 from .errors import ApiError, bad_request, conflict, not_found, too_large
 from .keys import CALLER, REQUEST_ID, STORE
+from .metrics import metrics_endpoints
 from .openapi import build_document
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def make_api_app(
     given a Store it uses it and leaves closing to the caller. `extra_routes`
     are served with the same authentication and errors; mark their handlers
     with `auth.requires(scope)` (unmarked: GET needs read, the rest pki-admin).
-    The device and campaign routes are always served.
+    The device, campaign, config and /metrics routes are always served.
     """
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_answers])
     app[_MAX_BODY] = max_body_bytes
@@ -67,7 +68,7 @@ def make_api_app(
     else:
         app[_OWNED_STORE_URL] = store
         app.cleanup_ctx.append(_own_store)
-    endpoints = device_endpoints() + campaign_endpoints() + config_endpoints()
+    endpoints = device_endpoints() + campaign_endpoints() + config_endpoints() + metrics_endpoints()
     app[_ENDPOINTS] = endpoints
     app.add_routes([e.route() for e in endpoints])
     app.add_routes(extra_routes or [])

@@ -37,6 +37,8 @@ class Endpoint:
     errors: tuple[int, ...] = (400,)
     # Success answers other than 200 (e.g. 201), by status, with their schema.
     answers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Media type of the success answers (e.g. text/plain for /metrics).
+    media_type: str = "application/json"
 
     def route(self) -> web.RouteDef:
         """The aiohttp route (no automatic HEAD: the document lists what is served)."""

@@ -95,7 +95,7 @@ def _described(endpoint: Endpoint) -> dict[str, Any]:
         "responses": {
             str(status): {
                 "description": HTTPStatus(status).phrase,
-                "content": {"application/json": {"schema": schema}},
+                "content": {endpoint.media_type: {"schema": schema}},
             }
             for status, schema in {200: endpoint.response, **endpoint.answers}.items()
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.store.rows import found, upsert_insert
@@ -48,6 +48,11 @@ async def list_denied(
     if device_uuid is not None:
         query = query.where(DenylistEntry.device_uuid == device_uuid)
     return list(await session.scalars(query))
+
+
+async def count_denied(session: AsyncSession) -> int:
+    """How many certificates are deny-listed."""
+    return await session.scalar(select(func.count()).select_from(DenylistEntry)) or 0
 
 
 async def denied_since(

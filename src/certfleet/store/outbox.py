@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, exists, select, update
+from sqlalchemy import Select, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -61,6 +61,15 @@ async def mark_failed(session: AsyncSession, event_id: int, *, retry_at: datetim
         .values(attempts=OutboxEvent.attempts + 1, next_attempt_at=retry_at)
     )
     await session.execute(query)
+
+
+async def undelivered_backlog(session: AsyncSession) -> tuple[int, datetime | None]:
+    """How many events are undelivered, and when the oldest of them was queued (None: none)."""
+    query = select(func.count(), func.min(OutboxEvent.created_at)).where(
+        OutboxEvent.delivered_at.is_(None)
+    )
+    count, oldest = (await session.execute(query)).one()
+    return count, oldest
 
 
 def _behind_earlier_undelivered() -> ColumnElement[bool]:
