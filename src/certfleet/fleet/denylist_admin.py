@@ -7,15 +7,13 @@ within about a second (see `certfleet.gateway.denylist_cache`).
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from certfleet.events import names
-from certfleet.store import audit, certificates, denylist, outbox
+from certfleet.store import audit, certificates, denylist
 from certfleet.store.engine import Store, opened
 from certfleet.store.errors import NotFoundError, StoreError
 from certfleet.store.schema import Certificate
@@ -114,19 +112,10 @@ async def deny_in(
         sha256, serial, device_uuid = target, None, None
     else:
         sha256, serial, device_uuid = target.sha256, target.serial, target.device_uuid
-    new = not await denylist.is_denied(session, sha256)
-    entry = await denylist.add_denied(
+    entry, new = await denylist.deny_with_event(
         session, sha256, reason=reason, serial=serial, device_uuid=device_uuid
     )
     if new:
-        payload = {
-            "sha256": sha256,
-            "serial": serial,
-            "uuid": device_uuid,
-            "reason": reason,
-            "time": names.rfc3339(dt.datetime.now(dt.UTC)),
-        }
-        await outbox.append_event(session, names.DENYLIST_ADDED, payload, device_uuid=device_uuid)
         await audit.append_audit(
             session,
             actor=actor,

@@ -377,7 +377,7 @@ class IdentityResolver:
         denied: list[str] = []
         kept = [row.id]
         if old is not None:
-            denied.append(await _supersede(session, old, claim.uuid, "replaced by key change", now))
+            denied.append(await _supersede(session, old, claim.uuid, "replaced by key change"))
             kept.append(old.id)
         # What EST issued for rotations that never finished (a lost answer's repeat, a
         # key the device dropped). After the switch, so only the request that won does it.
@@ -385,7 +385,7 @@ class IdentityResolver:
             session, claim.uuid, kept, valid_at=now
         )
         reason = f"unused: issued for a rotation, replaced by key change to {claim.serial}"
-        denied += [await _supersede(session, cert, claim.uuid, reason, now) for cert in unused]
+        denied += [await _supersede(session, cert, claim.uuid, reason) for cert in unused]
         payload = {
             "uuid": claim.uuid,
             "group": device.group_name,
@@ -599,23 +599,13 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 async def _supersede(
-    session: AsyncSession, cert: Certificate, device_uuid: str, reason: str, now: dt.datetime
+    session: AsyncSession, cert: Certificate, device_uuid: str, reason: str
 ) -> str:
     """Mark `cert` superseded and deny-list it (DENYLIST_ADDED if new); its fingerprint."""
     await certificates.set_certificate_status(session, cert.id, CertStatus.SUPERSEDED)
-    new = not await denylist.is_denied(session, cert.sha256)
-    await denylist.add_denied(
+    await denylist.deny_with_event(
         session, cert.sha256, reason=reason, serial=cert.serial, device_uuid=device_uuid
     )
-    if new:  # the same event as an operator's deny, so consumers see every deny-list entry
-        payload = {
-            "sha256": cert.sha256,
-            "serial": cert.serial,
-            "uuid": device_uuid,
-            "reason": reason,
-            "time": names.rfc3339(now),
-        }
-        await outbox.append_event(session, names.DENYLIST_ADDED, payload, device_uuid=device_uuid)
     return cert.sha256
 
 

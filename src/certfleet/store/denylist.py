@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from certfleet.protocol import DENYLIST_ADDED, rfc3339
+from certfleet.store import outbox
 from certfleet.store.rows import found, upsert_insert
-from certfleet.store.schema import DenylistEntry
+from certfleet.store.schema import DenylistEntry, utcnow
 
 
 async def add_denied(
@@ -32,6 +34,35 @@ async def add_denied(
     await session.execute(insert.on_conflict_do_nothing(index_elements=["cert_sha256"]))
     query = select(DenylistEntry).where(DenylistEntry.cert_sha256 == sha256)
     return found(await session.scalar(query), f"deny-list entry {sha256} vanished")
+
+
+async def deny_with_event(
+    session: AsyncSession,
+    cert_sha256: str,
+    *,
+    reason: str,
+    serial: str | None = None,
+    device_uuid: str | None = None,
+) -> tuple[DenylistEntry, bool]:
+    """`add_denied`, plus a DENYLIST_ADDED event if the certificate was not denied before.
+
+    One event per new entry, whoever denies (an operator, a key change), so consumers
+    see every deny-list entry exactly once. Returns the entry and whether it is new.
+    """
+    new = not await is_denied(session, cert_sha256)
+    entry = await add_denied(
+        session, cert_sha256, reason=reason, serial=serial, device_uuid=device_uuid
+    )
+    if new:
+        payload = {
+            "sha256": entry.cert_sha256,
+            "serial": serial,
+            "uuid": device_uuid,
+            "reason": reason,
+            "time": rfc3339(utcnow()),
+        }
+        await outbox.append_event(session, DENYLIST_ADDED, payload, device_uuid=device_uuid)
+    return entry, new
 
 
 async def is_denied(session: AsyncSession, cert_sha256: str) -> bool:
