@@ -183,6 +183,44 @@ async def test_metrics_match_the_api(api_env: ApiEnv, tmp_path: Path):  # noqa: 
     env.stop()
 
 
+async def test_an_open_campaign_shows_behind_any_number_of_newer_ended_ones(
+    api_env: ApiEnv,  # noqa: F811
+    tmp_path: Path,
+):
+    env = api_env
+    await add_device(env.store, not_after=utcnow() + 200 * DAY, group="lab")
+    settings = tmp_path / "server.toml"
+    settings.write_text("[campaigns]\nenabled = false\n")
+    env.start("--config", str(settings))
+    running = _campaign(env, "lab")
+    async with env.store.transaction() as session:
+        template = await session.get(Campaign, running)
+        assert template is not None
+        ended = utcnow() - 2 * DAY
+        session.add_all(
+            Campaign(
+                factory_id=template.factory_id,
+                rotation_id=f"certs-ended-{i}",
+                reason="ended long ago",
+                selector={"group": "lab"},
+                est_server=EST,
+                canary_share=0.0,
+                rate_per_minute=1,
+                failure_threshold=0.1,
+                canary_deadline_s=60,
+                device_deadline_s=60,
+                offline_after_s=60,
+                status="aborted",
+                created_by="test",
+                finished_at=ended,
+            )
+            for i in range(600)
+        )
+    info = scrape(env)["certfleet_campaign_info"]
+    assert info == {_labels(campaign=str(running), status="running"): 1}
+    env.stop()
+
+
 async def test_metrics_when_nothing_is_queued(api_env: ApiEnv):  # noqa: F811
     env = api_env
     env.start()

@@ -21,9 +21,6 @@ from certfleet.store.schema import CampaignDeviceState, utcnow
 # Ended campaigns stay visible this long, so an alert on their failed devices can fire
 # (and resolve) after the campaign stops.
 ENDED_CAMPAIGNS_SHOWN_FOR = dt.timedelta(days=1)
-# Newest campaigns looked at; an open campaign older than this many is not shown.
-CAMPAIGNS_SCANNED = 500
-OPEN_CAMPAIGN_STATUSES = frozenset(status.value for status in campaign_rows.OPEN_CAMPAIGNS)
 
 
 @dataclass(frozen=True)
@@ -88,13 +85,7 @@ async def collect(store: Store) -> FleetMetrics:
 
 async def _campaigns(session: AsyncSession, now: dt.datetime) -> list[CampaignState]:
     """Open campaigns and those that ended within ENDED_CAMPAIGNS_SHOWN_FOR."""
-    since = now - ENDED_CAMPAIGNS_SHOWN_FOR
-    found = [
-        campaign
-        for campaign in await campaign_rows.list_campaigns(session, limit=CAMPAIGNS_SCANNED)
-        if campaign.status in OPEN_CAMPAIGN_STATUSES
-        or (campaign.finished_at is not None and campaign.finished_at >= since)
-    ]
+    found = await campaign_rows.open_or_ended_since(session, now - ENDED_CAMPAIGNS_SHOWN_FOR)
     counts = await campaign_rows.state_counts(session, [c.id for c in found])
     return [CampaignState(c.id, c.status, _per_state(counts[c.id])) for c in found]
 

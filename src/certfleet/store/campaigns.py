@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.store.rows import found
@@ -91,6 +91,16 @@ async def list_campaigns(
     query = select(Campaign).order_by(Campaign.id.desc()).limit(limit)
     if factory_id is not None:
         query = query.where(Campaign.factory_id == factory_id)
+    return list(await session.scalars(query))
+
+
+async def open_or_ended_since(session: AsyncSession, since: datetime) -> list[Campaign]:
+    """Running and paused campaigns, and those that finished at `since` or later; newest first."""
+    query = (
+        select(Campaign)
+        .where(or_(Campaign.status.in_(OPEN_CAMPAIGNS), Campaign.finished_at >= since))
+        .order_by(Campaign.id.desc())
+    )
     return list(await session.scalars(query))
 
 
