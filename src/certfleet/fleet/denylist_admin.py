@@ -13,12 +13,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from certfleet.pki.keys import sha256_hex
 from certfleet.store import audit, certificates, denylist
 from certfleet.store.engine import Store, opened
 from certfleet.store.errors import NotFoundError, StoreError
 from certfleet.store.schema import Certificate
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # RFC 5280: at most 20 octets.
 _SERIAL = re.compile(r"[0-9a-f]{1,40}")
 
@@ -78,8 +78,8 @@ def checked_reason(reason: str) -> str:
 
 async def _by_sha256(session: AsyncSession, sha256: str) -> Certificate | str:
     """The stored certificate, or just the fingerprint of one the store never saw."""
-    fingerprint = sha256.replace(":", "").strip().lower()
-    if not _SHA256.fullmatch(fingerprint):
+    fingerprint = sha256_hex(sha256)
+    if fingerprint is None:
         raise StoreError(f"{sha256!r} is not a SHA-256 fingerprint (64 hex digits)")
     try:
         return await certificates.get_certificate(session, fingerprint)

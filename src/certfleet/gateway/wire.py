@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certfleet.pki.errors import PkiError
-from certfleet.pki.keys import check_public_key, pubkey_sha256, public_key_pem
+from certfleet.pki.keys import check_public_key, pubkey_sha256, public_key_pem, sha256_hex
 from certfleet.store.config_files import ConfigValue, bad_file_name
 
 from .errors import bad_request, too_large
@@ -97,10 +97,10 @@ def withdrawn_key(value: str | None) -> str:
             "missing-sha256",
             "give ?sha256=<hex SHA-256 of the next key's SubjectPublicKeyInfo> to withdraw",
         )
-    text = value.strip().lower()
-    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+    fingerprint = sha256_hex(value)
+    if fingerprint is None:
         raise bad_request("sha256", "sha256 must be 64 hex digits (SHA-256 of the public key)")
-    return text
+    return fingerprint
 
 
 def config_upload(value: Any) -> ConfigUpload:

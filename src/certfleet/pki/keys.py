@@ -80,6 +80,15 @@ def pubkey_sha256(key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def sha256_hex(text: str) -> str | None:
+    """A SHA-256 fingerprint as typed (any case, colons allowed) in certfleet's form:
+    64 lower-case hex digits; None if it is not one."""
+    fingerprint = text.replace(":", "").strip().lower()
+    if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+        return None
+    return fingerprint
+
+
 def cert_sha256(cert: x509.Certificate) -> str:
     """Hex SHA-256 fingerprint of a certificate's DER encoding."""
     return cert.fingerprint(hashes.SHA256()).hex()
