@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from certfleet.events import names
 from certfleet.store import expiry_queries
 from certfleet.store.engine import Store
@@ -82,23 +84,50 @@ async def expiry_report(
     now = utcnow()
     edges = _edges(now)
     async with store.transaction() as session:
-        device_counts = await expiry_queries.device_cert_buckets(session, edges)
+        devices = await _device_part(session, now, not_seen, renewal_window, limit)
         ca_counts = await expiry_queries.ca_cert_buckets(session, edges)
-        stale_total, stale = await expiry_queries.stale_devices(
-            session, seen_before=now - not_seen, expiring_before=now + renewal_window, limit=limit
-        )
         outlived = await expiry_queries.cas_outlived_by_devices(session)
         roots = await expiry_queries.roots_outlived_by_cas(session)
     return {
         "generated_at": names.rfc3339(now),
-        "device_certs": _named(device_counts),
+        "device_certs": devices["device_certs"],
         "ca_certs": _named(ca_counts),
+        "will_miss_renewal": devices["will_miss_renewal"],
+        "cas_expiring_before_their_certs": [_outlived(item, "device-certs") for item in outlived]
+        + [_outlived(item, "cas") for item in roots],
+    }
+
+
+async def device_counts(
+    store: Store,
+    *,
+    not_seen: dt.timedelta = DEFAULT_NOT_SEEN,
+    renewal_window: dt.timedelta = DEFAULT_RENEWAL_WINDOW,
+) -> dict[str, Any]:
+    """The report's device part without its list: `device_certs` and `will_miss_renewal`
+    with an empty `devices` (two count queries, for /metrics)."""
+    _check(not_seen, renewal_window)
+    async with store.transaction() as session:
+        return await _device_part(session, utcnow(), not_seen, renewal_window, 0)
+
+
+async def _device_part(
+    session: AsyncSession,
+    now: dt.datetime,
+    not_seen: dt.timedelta,
+    renewal_window: dt.timedelta,
+    limit: int,
+) -> dict[str, Any]:
+    device_counts = await expiry_queries.device_cert_buckets(session, _edges(now))
+    stale_total, stale = await expiry_queries.stale_devices(
+        session, seen_before=now - not_seen, expiring_before=now + renewal_window, limit=limit
+    )
+    return {
+        "device_certs": _named(device_counts),
         "will_miss_renewal": {
             "not_seen_days": not_seen.days,
             "renewal_window_days": renewal_window.days,
             "count": stale_total,
             "devices": [_stale(device) for device in stale],
         },
-        "cas_expiring_before_their_certs": [_outlived(item, "device-certs") for item in outlived]
-        + [_outlived(item, "cas") for item in roots],
     }

@@ -81,6 +81,8 @@ async def stale_devices(
     conditions = and_(last_seen < seen_before, Certificate.not_after < expiring_before)
     base = select(Device).join(Certificate, _live_device_certs()).where(conditions)
     total = await session.scalar(select(func.count()).select_from(base.subquery()))
+    if limit <= 0:  # only the count
+        return int(total or 0), []
     query = (
         select(Device.uuid, Factory.name, Device.group_name, last_seen, Certificate.not_after)
         .join(Certificate, _live_device_certs())
