@@ -33,11 +33,18 @@ samples whose innermost line is a wait (epoll, a thread's work queue, a lock) ar
 dropped here too, so the shares are shares of CPU actually used. They are
 printed as µs of the unprofiled re-enrollment of the same configuration.
 
+With --floor, two more servers from bench/est_floor_server.py: the least a
+Python process can spend, one blocking thread with certfleet's TLS context and
+no event loop, HTTP framework, store or log; once answering a fixed 200 (the
+handshake floor) and once issuing each re-enrollment in process with
+certfleet's own `pki/` calls (the issuing floor; its answers are checked like
+certfleet's).
+
 `--loop uvloop` runs certfleet on uvloop instead of asyncio's own loop
 (bench/uvloop_launcher.py), to show what that would change.
 
     .venv/bin/python bench/est_reenroll.py [-n 300] [--rounds 3] [--workers 1,2]
-        [--db sqlite,postgresql] [--tls 1.3,1.2] [--profile] [--loop asyncio|uvloop]
+        [--db sqlite,postgresql] [--tls 1.3,1.2] [--profile] [--floor] [--loop asyncio|uvloop]
 """
 
 from __future__ import annotations
@@ -217,6 +224,20 @@ def start_certfleet(pki: Pki, workers: int, log_dir: Path, loop: str = "asyncio"
     raise RuntimeError(f"expected {workers} workers under {proc.pid}; see {log}")
 
 
+def start_floor(pki: Pki, issue: bool, log_dir: Path) -> Server:
+    """bench/est_floor_server.py: the least a Python process spends (see its docstring)."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).parent / "est_floor_server.py"), str(pki.dir)]
+    argv += [str(port), "--factory", FACTORY] + (["--issue"] if issue else [])
+    name = "floor-issue" if issue else "floor"
+    log = log_dir / f"{name}-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out)
+    server = Server(name, "-", 1, proc, port, pki, [proc.pid])
+    wait_ready(server, log)
+    return server
+
+
 def start_s_server(pki: Pki) -> Server:
     proc, port = s_server_process(pki.dir, "est-tls")
     server = Server("s_server", "-", 1, proc, port, pki, [proc.pid])
@@ -226,7 +247,7 @@ def start_s_server(pki: Pki) -> Server:
 
 def wait_ready(server: Server, log: Path | None) -> None:
     ctx = next(iter(server.pki.devices[0].contexts.values()))
-    op = "get" if server.name == "s_server" else "cacerts"
+    op = "cacerts" if server.name == "certfleet" else "get"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and server.proc.poll() is None:
         try:
@@ -392,6 +413,8 @@ def run(args: argparse.Namespace) -> dict:
             for db in dbs:
                 for workers in args.workers:
                     servers.append(start_certfleet(pkis[db], workers, tmp, args.loop))
+            if args.floor:
+                servers += [start_floor(pkis[dbs[0]], issue, tmp) for issue in (False, True)]
             result = measure(servers, args)
             result["server_event_loop"] = args.loop
             if args.profile and "sqlite" in pkis:
@@ -413,8 +436,10 @@ def cases(servers: list[Server]) -> list[tuple[Server, str]]:
     """(server, operation) in the order of a round."""
     found = []
     for server in servers:
-        if server.name == "s_server":
+        if server.name in ("s_server", "floor"):
             found.append((server, "get"))
+        elif server.name == "floor-issue":
+            found.append((server, "reenroll"))
         else:
             if server.workers == 1 and server.db == servers[1].db:
                 found.append((server, "cacerts"))  # the TLS + HTTP floor, once
@@ -670,7 +695,7 @@ def categorize(speedscope: dict) -> dict:
 
 def print_table(result: dict) -> None:
     head = (
-        f"{'server':<9} {'operation':<17} {'db':<10} {'wk':>2} {'TLS':<3} {'µs CPU/op':>9} "
+        f"{'server':<11} {'operation':<17} {'db':<10} {'wk':>2} {'TLS':<3} {'µs CPU/op':>9} "
         f"{'ratio':>5} {'ops/s':>6} {'p50 ms':>6} {'p99 ms':>6} {'fail':>4}"
     )
     print(head)
@@ -686,7 +711,7 @@ def print_table(result: dict) -> None:
         ),
     ):
         print(
-            f"{r['server']:<9} {r['operation']:<17} {r['db']:<10} {r['workers']:>2} {r['tls']:<3} "
+            f"{r['server']:<11} {r['operation']:<17} {r['db']:<10} {r['workers']:>2} {r['tls']:<3} "
             f"{r['server_cpu_us']:>9.0f} {r['ratio_to_s_server']:>5.2f} "
             f"{r['throughput_per_s']:>6.0f} {r['p50_ms']:>6.1f} {r['p99_ms']:>6.1f} "
             f"{r['failures']:>4}{'' if r['valid'] else '  INVALID'}"
@@ -746,6 +771,10 @@ def main() -> None:
     )
     parser.add_argument("--tls", type=listed(("1.3", "1.2")), default=["1.3", "1.2"])
     parser.add_argument("--profile", action="store_true", help="also profile (SQLite, 1 worker)")
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="also measure bench/est_floor_server.py: handshake only, and with in-process issuing",
+    )  # fmt: skip
     parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--speedscope", type=Path, help="keep py-spy's profile here")
