@@ -131,7 +131,7 @@ async def test_bad_duration_is_a_usage_error(env):
         "7x",
         expect=2,
     )
-    assert "not a duration like 30m, 12h, 7d or 2w" in done.stderr
+    assert "not a positive duration like 30m, 12h, 7d or 2w" in done.stderr
 
 
 async def test_credential_for_a_deleted_device_is_refused(env):

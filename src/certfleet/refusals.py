@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 class Refusal(Exception):
@@ -71,3 +72,29 @@ def method_not_allowed(
 def framework_refusal(kind: type[R], exc: web.HTTPException) -> R:
     """Any other refusal aiohttp raised itself, with its own reason."""
     return kind(exc.status, "http", exc.reason)
+
+
+class MalformedRequestLog(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with a traceback, which reads as
+    a fault of this server; it is the client's mistake, answered 400: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        lines = [line.strip() for line in exc.message.splitlines() if line.strip()]
+        reason = lines[0].rstrip(":") if lines else type(exc).__name__
+        record.args = (record.getMessage(), exc.code, reason)
+        record.msg = "%s: refused with %d as malformed HTTP: %s"
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    """Install MalformedRequestLog on aiohttp's server logger (once per process)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLog) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLog())

@@ -37,6 +37,7 @@ from certfleet.gateway.registration import RegistrationService, service_routes
 from certfleet.gateway.service import GatewayService
 from certfleet.pki.errors import PkiError
 from certfleet.pki.pki_dir import EST_TLS, GATEWAY_TLS, PkiDir
+from certfleet.refusals import quiet_malformed_requests
 from certfleet.server_ca_watch import CaWatcher
 from certfleet.server_config import ServerConfig, parse_listen, public_gateway_url
 from certfleet.store.authorities import load_pki_authorities
@@ -294,6 +295,7 @@ def _stop_before_serving(_signum: int, _frame: object) -> None:
 def serve(config: ServerConfig, announce: Any = print) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
     signal.signal(signal.SIGTERM, _stop_before_serving)
+    quiet_malformed_requests()
     prepared = prepare(config)
     host, port = prepared.est_socket.getsockname()[:2]
     gw_host, gw_port = prepared.gateway_socket.getsockname()[:2]

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
+from certfleet import durations
+
 from .errors import bad_request
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d{1,6})([smhdw])")
 # Ids are 32-bit integer columns (PostgreSQL refuses a larger value with a 500).
 MAX_ID = 2**31 - 1
 
 
 def parse_duration(name: str, text: str) -> dt.timedelta:
-    """'90s', '30m', '12h', '30d' or '2w'."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if not match or int(match.group(1)) == 0:
-        raise bad_request(f"{name}={text!r} is not a positive duration like 12h, 30d or 2w")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    """'90s', '30m', '12h', '30d' or '2w', at most 100 years."""
+    try:
+        return durations.parse_duration(text)
+    except ValueError as exc:
+        raise bad_request(f"{name}={text!r} {exc}") from exc
 
 
 def query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -17,6 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from certfleet import durations
 from certfleet.pki.errors import PkiError
 
 T = TypeVar("T")
@@ -90,16 +90,12 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d+)([smhdw])")
-
-
 def parse_duration(text: str) -> dt.timedelta:
-    """'90s', '30m', '12h', '7d' or '2w' as a timedelta."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a duration like 30m, 12h, 7d or 2w")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    """'90s', '30m', '12h', '7d' or '2w' as a timedelta; a usage error otherwise."""
+    try:
+        return durations.parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} {exc}") from exc
 
 
 async def with_store(url: str, action: Callable[..., Awaitable[T]], *args: Any) -> T:
