@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -202,6 +204,9 @@ def _bad_device_inputs(
         ("GET", "/v1/devices?status=sleeping", {}, 400, "unknown status 'sleeping'"),
         ("GET", "/v1/devices?expiring_within=soon", {}, 400, "not a positive duration"),
         ("GET", "/v1/devices?expiring_within=0d", {}, 400, "not a positive duration"),
+        ("GET", "/v1/devices?expiring_within=545840w", {}, 400, "longer than 36500d"),
+        ("GET", "/v1/devices?expiring_within=%D9%A3d", {}, 400, "not a positive duration"),
+        ("GET", "/v1/reports/expiry?renewal_window=99999999999d", {}, 400, "longer than 36500d"),
         ("GET", "/v1/devices?cursor=bm9wZQ", {}, 400, "cursor is not one this API gave out"),
         ("GET", "/v1/devices?colour=red", {}, 400, "unknown query parameter 'colour'"),
         ("GET", "/v1/devices?group=a&group=b", {}, 400, "'group' is given twice"),
@@ -237,14 +242,16 @@ def _bad_rotations(
         return {"body": {"reason": "yearly", "est_server": EST, **fields}}
 
     return [
-        ("POST", rotate, {"body": {"reason": "yearly"}}, 400, "give --est-server URL"),
+        ("POST", rotate, {"body": {"reason": "yearly"}}, 400, "give 'est_server' URL"),
         ("POST", rotate, body(est_server="http://est.example"), 400, "must be an https:// URL"),
         ("POST", rotate, body(est_server=None), 400, "field 'est_server' must be a str"),
         ("POST", rotate, body(hsm_pkey_ids="01", hsm_cert_ids="03,09"), 400, "two different hex"),
-        ("POST", rotate, body(hsm_pkey_ids="01,07"), 400, "give --hsm-pkey-ids and --hsm-cert"),
+        ("POST", rotate, body(hsm_pkey_ids="01,07"), 400, "give 'hsm_pkey_ids' and 'hsm_cert"),
         ("POST", rotate, body(dryrun="yes"), 400, "field 'dryrun' must be a bool"),
         ("POST", rotate, body(when="now"), 400, "unknown field(s) when"),
-        ("POST", rotate, body(reason=" "), 400, "give a --reason"),
+        ("POST", rotate, body(reason=" "), 400, "give a reason of 1 to 1000"),
+        ("POST", rotate, body(reason="r" * 1001), 400, "give a reason of 1 to 1000"),
+        ("POST", rotate, body(reason="two\nlines"), 400, "printable characters on one line"),
         ("POST", rotate, {"body": {"est_server": EST}}, 400, "field 'reason' is missing"),
         ("POST", rotate + "?now=1", body(), 400, "unknown query parameter 'now'"),
         ("POST", "/v1/devices/nope/rotate-certs", body(), 400, "'nope' is not a device uuid"),
@@ -310,6 +317,34 @@ def _bad_campaign_inputs() -> list[tuple[str, str, dict, int, str]]:
         ("POST", "/v1/campaigns/999/pause", {}, 404, "no campaign 999"),
         ("POST", "/v1/campaigns/1/explode", {}, 404, "is not an API path"),
         ("POST", "/v1/campaigns", {"body": {"group": "lab", "colour": 1}}, 400, "unknown field"),
+        (
+            "POST",
+            "/v1/campaigns",
+            {"body": {"group": "lab", "reason": "x" * 1001, "est_server": EST}},
+            400,
+            "it is kept in the campaign and its events",
+        ),
+        (
+            "POST",
+            "/v1/campaigns",
+            {"body": {"group": "lab", "reason": "r", "est_server": EST, "rate_per_minute": 0}},
+            400,
+            "'rate_per_minute' 0/min must be at least 1/min",
+        ),
+        (
+            "POST",
+            "/v1/campaigns",
+            {"body": {"group": "lab", "reason": "r", "est_server": EST, "offline_after": "9" * 9}},
+            400,
+            "offline_after='999999999' is not a positive duration",
+        ),
+        (
+            "POST",
+            "/v1/campaigns",
+            {"body": {"group": "lab", "reason": "r", "est_server": EST, "device_deadline": "1e9w"}},
+            400,
+            "device_deadline='1e9w' is not a positive duration",
+        ),
     ]
 
 
@@ -333,7 +368,8 @@ def _bad_config_inputs(
         ("POST", "/v1/config", put(files={"a": 1}), 400, "file 'a': its value must be a string"),
         ("POST", "/v1/config", put(files=["a"]), 400, "field 'files' is missing or not a dict"),
         ("POST", "/v1/config", put(on_changed=[""]), 400, "'on_changed' must be a list"),
-        ("POST", "/v1/config", put(reason=" "), 400, "give a --reason"),
+        ("POST", "/v1/config", put(reason=" "), 400, "give a reason of 1 to 1000"),
+        ("POST", "/v1/config", put(reason="\x1b[31mred"), 400, "it is kept in the config log"),
         ("POST", "/v1/config", put(colour=1), 400, "unknown field(s) colour"),
         ("POST", "/v1/config", put(scope="device", key=deleted), 404, deleted),
         ("POST", "/v1/config", put(scope="device", key=locked), 409, "is rotating its key"),
@@ -349,7 +385,9 @@ def _bad_config_inputs(
             deleted,
         ),
         ("POST", f"/v1/devices/{locked}/unlock", {"body": {}}, 400, "field 'reason' is missing"),
-        ("POST", f"/v1/devices/{locked}/unlock", {"body": {"reason": " "}}, 400, "give a --reason"),
+        ("POST", f"/v1/devices/{locked}/unlock", {"body": {"reason": " "}}, 400, "give a reason"),
+        ("POST", f"/v1/devices/{live}/unlock", {"body": {"reason": "é" * 1001}}, 400, "1 to 1000"),
+        ("POST", move, {"body": {"group": "g", "reason": "a\tb"}}, 400, "give a reason of"),
         ("POST", f"/v1/devices/{deleted}/unlock", {"body": {"reason": "r"}}, 404, deleted),
         ("POST", "/v1/devices/nope/unlock", {"body": {"reason": "r"}}, 400, "not a device uuid"),
     ]
@@ -545,6 +583,21 @@ def _server(env: ApiEnv, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=60,
     )
+
+
+async def test_a_malformed_request_is_one_info_line_not_a_traceback(api_env: ApiEnv):  # noqa: F811
+    env = api_env
+    env.start()
+    assert env.server is not None
+    context = ssl.create_default_context(cafile=str(env.pki / "root.crt"))
+    with socket.create_connection(("127.0.0.1", env.server.api_port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /v1/cas HTTP/1.1\r\nHost: x\r\nX-Probe: \x00\r\n\r\n")
+            answer = tls.recv(65536)
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer
+    out = env.stop()
+    assert "refused with 400 as malformed HTTP: Invalid header value char" in out, out
+    assert "Traceback" not in out and "ERROR" not in out, out
 
 
 async def test_plain_http_only_on_loopback(api_env: ApiEnv):  # noqa: F811

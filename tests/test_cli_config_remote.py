@@ -128,7 +128,7 @@ async def test_devices_unlock_withdraws_the_next_key_local_and_remote(api_env: A
     assert "has no next key announced" in nothing.stdout
     refused = [
         (("devices", "unlock", "nope", "--reason", "r"), "HTTP 400"),
-        (("devices", "unlock", device, "--reason", " "), "give a --reason"),
+        (("devices", "unlock", device, "--reason", " "), "give a reason of 1 to 1000"),
     ]
     for args, reason in refused:
         assert reason in cli.run(*args, remote=True, expect=2).stderr

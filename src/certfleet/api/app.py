@@ -29,7 +29,7 @@ from .campaign_routes import campaign_endpoints
 from .config_routes import config_endpoints
 from .device_routes import device_endpoints
 from .endpoints import Endpoint
-from .errors import ApiError, bad_request, conflict, not_found, too_large
+from .errors import ApiError, api_wording, bad_request, conflict, not_found, too_large
 from .keys import CALLER, REQUEST_ID, STORE
 from .metrics import metrics_endpoints
 from .openapi import build_document
@@ -172,12 +172,12 @@ def _as_api_error(request: web.Request, exc: Exception) -> ApiError | None:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, NotFoundError):
-        return not_found(str(exc))
+        return not_found(api_wording(str(exc)))
     if isinstance(exc, StoreError):
         # Store and fleet errors that clash with an object's state say so with `status`.
         if getattr(exc, "status", None) == 409:
-            return conflict(str(exc))
-        return bad_request(str(exc))
+            return conflict(api_wording(str(exc)))
+        return bad_request(api_wording(str(exc)))
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         return _from_http(request, exc)
     return None

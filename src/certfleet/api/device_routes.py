@@ -158,7 +158,9 @@ async def list_cas(request: web.Request) -> web.Response:
 
 
 _STATUS = {"type": "string", "enum": list(device_views.STATUSES)}
-_DURATION = {"type": "string", "pattern": "^[0-9]+[smhdw]$", "examples": ["30d"]}
+_DURATION = {**schemas.DURATION, "examples": ["30d"]}
+# The dashboard's filter form sends the field empty when it is not filled in.
+_DURATION_OR_EMPTY = {**_DURATION, "pattern": "^$|" + str(_DURATION["pattern"])}
 # Optional body fields of POST /v1/devices/{uuid}/rotate-certs besides "reason".
 ROTATE_OPTIONAL = {"est_server": str, "hsm_pkey_ids": str, "hsm_cert_ids": str, "dryrun": bool}
 LIST_PARAMS = ("group", "status", "expiring_within", "limit", "cursor")
@@ -189,7 +191,7 @@ def device_endpoints() -> list[Endpoint]:
                 Param(
                     "expiring_within",
                     "Only devices whose current certificate expires between now and now + this",
-                    _DURATION,
+                    _DURATION_OR_EMPTY,
                 ),
                 *_PAGING,
             ),
@@ -211,7 +213,13 @@ def device_endpoints() -> list[Endpoint]:
             "Delete a device: it is refused from now on and its active certificates are "
             "deny-listed; its history stays",
             schemas.ref("DeviceDeleted"),
-            query=(Param("reason", "Why; kept with the deny-list entries and the audit log"),),
+            query=(
+                Param(
+                    "reason",
+                    "Why; kept with the deny-list entries and the audit log",
+                    schemas.REASON,
+                ),
+            ),
             errors=(400, 404, 409),
         ),
         Endpoint(

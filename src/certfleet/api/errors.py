@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from certfleet.refusals import Refusal
+
+# A command-line option inside a message of the shared fleet layer, e.g. --est-server.
+_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+# Options whose API field is not the option's name with underscores.
+_FIELD_OF_OPTION = {"rate": "rate_per_minute"}
 
 
 class ApiError(Refusal):
@@ -37,3 +44,18 @@ def conflict(message: str) -> ApiError:
 def too_large(message: str) -> ApiError:
     """413: the body is over the limit."""
     return ApiError(413, "too-large", message)
+
+
+def api_wording(message: str) -> str:
+    """A fleet-layer message as an API client reads it: --est-server becomes 'est_server'.
+
+    A command quoted in backticks stays as it is: it is meant for a shell.
+    """
+
+    def field(match: re.Match[str]) -> str:
+        option = match[1]
+        return f"'{_FIELD_OF_OPTION.get(option, option.replace('-', '_'))}'"
+
+    parts = message.split("`")
+    parts[::2] = [_OPTION.sub(field, part) for part in parts[::2]]
+    return "`".join(parts)

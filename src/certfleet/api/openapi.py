@@ -77,7 +77,12 @@ def build_document(
 
 def _path_params(path: str) -> list[dict[str, Any]]:
     return [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": schemas.PATH_PARAMS.get(name, {"type": "string"}),
+        }
         for name in _PATH_PARAM.findall(path)
     ]
 

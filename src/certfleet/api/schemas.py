@@ -20,6 +20,31 @@ _BUCKETS = {
 }
 
 
+# What durations.parse_duration takes, but for its bound of 100 years.
+DURATION = {
+    "type": "string",
+    "pattern": "^(?!0+[smhdw]$)[0-9]{1,12}[smhdw]$",
+    "description": "A positive number and a unit (s, m, h, d, w), at most 100 years",
+}
+# What fleet.reasons.checked_reason takes (printable and one line is not expressible here).
+REASON = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 1000,
+    "description": "1 to 1000 printable characters on one line; kept in the logs",
+}
+UUID = {
+    "type": "string",
+    "format": "uuid",
+    "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+}
+# Path parameters by name; any other is a plain string.
+PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "uuid": UUID,
+    "id": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+}
+
+
 def ref(name: str) -> dict[str, Any]:
     """A reference to a component schema."""
     return {"$ref": f"#/components/schemas/{name}"}
@@ -104,7 +129,7 @@ _CONFIG_CHANGE = _object(
     files={"type": "array", "items": _STR},
 )
 
-_SPAN = {"type": "string", "pattern": "^[0-9]+[smhdw]$", "examples": ["30m"]}
+_SPAN = {**DURATION, "examples": ["30m"]}
 _SHARE = {"type": "number", "minimum": 0, "maximum": 1}
 _PER_STATE = {
     "type": "object",
@@ -161,7 +186,7 @@ _CAMPAIGN_CREATE = {
         "all": {"type": "boolean"},
         "reissue_from_ca": {**_STR, "description": "Devices whose current cert this CA issued"},
         "to_ca": {**_STR, "description": "The factory's active online CA they move to"},
-        "reason": {"type": "string", "minLength": 1},
+        "reason": REASON,
         "est_server": {"type": "string", "description": "https:// EST address devices renew at"},
         "hsm_pkey_ids": _SLOTS,
         "hsm_cert_ids": _SLOTS,
@@ -211,14 +236,14 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         "type": "object",
         "required": ["reason"],
         "additionalProperties": False,
-        "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": 1000}},
+        "properties": {"reason": REASON},
     },
     "RotateRequest": {
         "type": "object",
         "required": ["reason"],
         "additionalProperties": False,
         "properties": {
-            "reason": {"type": "string", "minLength": 1, "description": "Kept in the config log"},
+            "reason": {**REASON, "description": "Kept in the config log"},
             "est_server": {
                 "type": "string",
                 "description": "https:// EST address devices renew at, as they reach it",
@@ -242,10 +267,11 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         "required": ["reason"],
         "additionalProperties": False,
         "description": "Exactly one of serial and sha256",
+        "oneOf": [{"required": ["serial"]}, {"required": ["sha256"]}],
         "properties": {
             "serial": {"type": "string", "pattern": "^(0x)?[0-9a-fA-F:]+$"},
             "sha256": {"type": "string", "pattern": "^[0-9a-fA-F:]+$"},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+            "reason": REASON,
         },
     },
     "UpdateSummary": _object(
@@ -290,7 +316,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
                 "items": _STR,
                 "description": "Command the device runs when a file changes, one argument each",
             },
-            "reason": {"type": "string", "minLength": 1, "description": "Kept in the config log"},
+            "reason": {**REASON, "description": "Kept in the config log"},
             "factory": {**_STR, "description": "Needed only when the store holds several"},
         },
     },
@@ -308,7 +334,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
         "properties": {
             "group": {**_STR, "description": "The new group; empty for none"},
-            "reason": {"type": "string", "minLength": 1},
+            "reason": REASON,
         },
     },
     "GroupMoved": _object(

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from certfleet import protocol
 from certfleet.events import names
 from certfleet.fleet import config_admin, rotate_certs
+from certfleet.fleet.reasons import checked_reason
 from certfleet.fleet.rotate_certs import RotationOrder
 from certfleet.store import audit, cas, factories, outbox
 from certfleet.store import campaigns as rows
@@ -211,8 +212,7 @@ async def create_campaign(
     """
     selector.check()
     settings.check()
-    if not reason.strip():
-        raise CampaignError("give a --reason: it is kept with the campaign")
+    reason = checked_reason(reason, "the campaign and its events")
     async with use_store(store) as opened, opened.transaction() as session:
         fact = await factories.resolve_factory(session, factory)
         from_ca, to_ca = await _breach_cas(session, fact.id, selector)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.events import names
+from certfleet.fleet.reasons import checked_reason
 from certfleet.pki import ecies
 from certfleet.pki.keys import pubkey_sha256
 from certfleet.protocol import NEXT_KEY_ACTION, NEXT_KEY_WITHDRAWN_ACTION
@@ -114,8 +115,7 @@ async def set_config(
     group files are encrypted for each device when it asks, so they need no lock.
     """
     _check_files(files)
-    if not reason.strip():
-        raise StoreError("give a --reason: it is kept in the config log")
+    reason = checked_reason(reason, "the config log")
     async with opened(store) as ready, ready.transaction() as session:
         encrypted_to = None
         if scope == ConfigScope.DEVICE:
@@ -185,8 +185,7 @@ async def move_to_group(
     store.config_files.move_to_group), so the device fetches its new group's
     files at its next check-in.
     """
-    if not reason.strip():
-        raise StoreError("give a --reason: it is kept in the config log")
+    reason = checked_reason(reason, "the config log")
     group = group.strip() if group else None
     if group is not None and len(group) > 128:
         raise StoreError("a group name has at most 128 characters")
@@ -230,8 +229,7 @@ async def unlock_config(
     device's rotation does go on, the gateway refuses its new key and the agent
     rolls back to the old one.
     """
-    if not reason.strip():
-        raise StoreError("give a --reason: it is kept in the audit log")
+    reason = checked_reason(reason, "the audit log")
     async with opened(store) as ready, ready.transaction() as session:
         row = await _device(session, device, lock=True)
         announced = row.next_pubkey_sha256

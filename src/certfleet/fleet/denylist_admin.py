@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from certfleet.fleet.reasons import checked_reason
 from certfleet.pki.keys import sha256_hex
 from certfleet.store import audit, certificates, denylist
 from certfleet.store.engine import Store, opened
@@ -58,22 +59,13 @@ async def deny(
     """
     if (serial is None) == (sha256 is None):
         raise StoreError("name exactly one of: a serial, a SHA-256 fingerprint")
-    reason = checked_reason(reason)
+    reason = checked_reason(reason, "the deny-list and the audit log")
     async with opened(store) as ready, ready.transaction() as session:
         if sha256 is not None:
             target = await _by_sha256(session, sha256)
         else:
             target = await _by_serial(session, serial or "")
         return [await deny_in(session, target, reason, actor)]
-
-
-def checked_reason(reason: str) -> str:
-    """The reason of a deny-listing or deletion, stripped; StoreError unless 1 to 1000
-    printable characters (it goes into the log and events)."""
-    reason = (reason or "").strip()
-    if not reason or len(reason) > 1000 or not reason.isprintable():
-        raise StoreError("give a reason of 1 to 1000 printable characters; it is kept in the log")
-    return reason
 
 
 async def _by_sha256(session: AsyncSession, sha256: str) -> Certificate | str:

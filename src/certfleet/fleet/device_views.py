@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from certfleet.events import names
 from certfleet.fleet import denylist_admin
 from certfleet.fleet.denylist_admin import Denied
+from certfleet.fleet.reasons import checked_reason
 from certfleet.protocol import ROTATION_PREFIXES
 from certfleet.store import audit, certificates, device_queries, devices, outbox, updates
 from certfleet.store.device_queries import DeviceFilter, DeviceRow, DeviceState
@@ -210,7 +211,7 @@ async def delete_device(store: Store, uuid: str, *, actor: str, reason: str) -> 
     The device's rows and history stay; it is refused on every later request
     and its uuid cannot be registered again.
     """
-    reason = denylist_admin.checked_reason(reason)
+    reason = checked_reason(reason, "the deny-list and the audit log")
     async with store.transaction() as session:
         row = await _row(session, uuid)
         if row.device.deleted_at is not None:
@@ -244,7 +245,7 @@ async def _lock_live(session: AsyncSession, uuid: str) -> None:
 
 async def deny_device(store: Store, uuid: str, *, actor: str, reason: str) -> list[Denied]:
     """Deny-list every active certificate of a device (deleted devices too)."""
-    reason = denylist_admin.checked_reason(reason)
+    reason = checked_reason(reason, "the deny-list and the audit log")
     async with store.transaction() as session:
         row = await _row(session, uuid)
         denied = await _deny_active(session, row.device.uuid, reason, actor)

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from certfleet.fleet import config_admin
+from certfleet.fleet.reasons import checked_reason
 from certfleet.store import config_files, devices
 from certfleet.store.config_files import ConfigValue
 from certfleet.store.engine import Store, opened
@@ -150,8 +151,7 @@ async def rotate_device(
     ``store`` is an open store or a URL. NotFoundError for an unknown or deleted
     device, ConfigLockedError (409) for one in the middle of a key change.
     """
-    if not reason.strip():
-        raise StoreError("give a --reason: it is kept in the config log")
+    reason = checked_reason(reason, "the config log")
     async with opened(store) as ready, ready.transaction() as session:
         row = await _live_device(session, device)
         check_not_rotating(row)
