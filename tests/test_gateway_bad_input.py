@@ -311,6 +311,12 @@ async def event_with_a_bad_time(env):
     )
 
 
+@case(400, "events[0].deviceTime '0001-01-01T00:00:00+01:00' is out of range")
+async def event_with_a_time_before_year_one_in_utc(env):
+    body = [event(deviceTime="0001-01-01T00:00:00+01:00")]
+    return call(env, "POST", "/events", await env.device(), json_body=body)
+
+
 @case(400, "next_pubkey: unsupported key type RSA")
 async def next_key_rsa(env):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

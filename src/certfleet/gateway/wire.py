@@ -222,7 +222,14 @@ def _device_time(value: Any, where: str) -> dt.datetime | None:
             f"{where} {text[:40]!r} is not an RFC 3339 time like 2025-01-31T12:00:00Z",
         ) from exc
     # A device without a zone reports UTC, as the reference's agents do.
-    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.UTC)
+    try:
+        return moment.astimezone(dt.UTC)
+    except OverflowError as exc:  # e.g. year 1 east of Greenwich
+        raise bad_request(
+            "device-time", f"{where} {text[:40]!r} is out of range in UTC (years 1 to 9999)"
+        ) from exc
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
