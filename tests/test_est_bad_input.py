@@ -308,6 +308,12 @@ async def no_auth_at_all(env):
 
 
 @case(401, "Authorization header is not HTTP Basic")
+async def username_with_a_nul(env):
+    csr = make_csr(generate_private_key())
+    return lambda: env.post_csr("simpleenroll", csr, auth=("dev\x00ice", "pw"))
+
+
+@case(401, "Authorization header is not HTTP Basic")
 async def bearer_instead_of_basic(env):
     csr = make_csr(generate_private_key())
     headers = {"Authorization": "Bearer abc.def"}

@@ -317,6 +317,29 @@ async def event_with_a_time_before_year_one_in_utc(env):
     return call(env, "POST", "/events", await env.device(), json_body=body)
 
 
+@case(400, "request body has a string with a NUL character")
+async def event_target_with_a_nul(env):
+    body = [event(event={"correlationId": "certs-1", "success": True, "targetName": "a\u0000b"})]
+    return call(env, "POST", "/events", await env.device(), json_body=body)
+
+
+@case(400, "request body has a string with an unpaired surrogate ('\\ud800')")
+async def event_details_with_a_lone_surrogate(env):
+    body = [event(event={"correlationId": "certs-1", "details": "x\ud800y"})]
+    return call(env, "POST", "/events", await env.device(), json_body=body)
+
+
+@case(400, "request body has a string with a NUL character")
+async def event_id_with_a_nul(env):
+    return call(env, "POST", "/events", await env.device(), json_body=[event(id="a\u0000")])
+
+
+@case(400, "request body has a string with an unpaired surrogate")
+async def applied_version_with_a_lone_surrogate(env):
+    body = {"version": "\udfff"}
+    return call(env, "POST", "/config/applied", await env.device(), json_body=body)
+
+
 @case(400, "next_pubkey: unsupported key type RSA")
 async def next_key_rsa(env):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

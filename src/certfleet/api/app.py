@@ -21,6 +21,7 @@ from functools import partial
 from aiohttp import web
 
 from certfleet.refusals import framework_refusal, log_fault, log_refusal, method_not_allowed
+from certfleet.storable_text import unstorable_pairs
 from certfleet.store.engine import Store, open_store
 from certfleet.store.errors import NotFoundError, StoreError
 
@@ -120,12 +121,20 @@ def _check_body_size(request: web.Request) -> None:
         raise too_large(f"request body of {length} bytes is over this API's limit of {limit}")
 
 
+def _check_url_text(request: web.Request) -> None:
+    """400 for a path or query value the store could not hold (a %00, say)."""
+    problem = unstorable_pairs([*request.match_info.items(), *request.query.items()])
+    if problem:
+        raise bad_request(f"the URL has {problem}")
+
+
 @web.middleware
 async def _answers(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate, then turn every refusal into logged one-line JSON; 500 only for faults."""
     request[REQUEST_ID] = _request_id(request)
     try:
         _check_body_size(request)
+        _check_url_text(request)
         if dashboard.owns(request.path):
             # HTML pages with their own router and cookie sign-in; not API routes.
             response = await dashboard.dispatch(request)

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from certfleet import durations
+from certfleet.storable_text import unstorable
 
 from .errors import bad_request
 
@@ -75,6 +76,9 @@ async def json_object(
         raise bad_request(f"the body must be JSON like {_example(fields)}") from exc
     if not isinstance(body, dict):
         raise bad_request(f"the body must be a JSON object like {_example(fields)}")
+    problem = unstorable(body)
+    if problem:
+        raise bad_request(f"the body has a string with {problem}")
     unknown = sorted(set(body) - set(known))
     if unknown:
         takes = _example(known)

@@ -153,6 +153,8 @@ def _basic(request: web.Request) -> BasicCredentials | None:
         )
         if not colon:
             raise ValueError("no colon")
+        if "\x00" in username:  # no stored username has one, and PostgreSQL cannot look it up
+            raise ValueError("NUL in the username")
     except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raise unauthorized(
             "bad-authorization",

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from certfleet.pki.errors import PkiError
 from certfleet.pki.keys import check_public_key, pubkey_sha256, public_key_pem, sha256_hex
+from certfleet.storable_text import unstorable
 from certfleet.store.config_files import ConfigValue, bad_file_name
 
 from .errors import bad_request, too_large
@@ -73,13 +74,17 @@ def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise bad_request("empty-body", "request body is empty: send a JSON object")
     try:
-        return json.loads(body.decode("utf-8"))
+        value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise bad_request("not-utf8", f"request body is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise bad_request("malformed-json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise bad_request("malformed-json", "request body is JSON nested too deeply") from exc
+    problem = unstorable(value)
+    if problem:
+        raise bad_request("unstorable-text", f"request body has a string with {problem}")
+    return value
 
 
 def next_key_request(value: Any) -> NextKey:
