@@ -344,6 +344,20 @@ def _bad_campaign_inputs() -> list[tuple[str, str, dict, int, str]]:
         (
             "POST",
             "/v1/campaigns",
+            {"body": {"group": "lab", "reason": "r", "est_server": EST, "offline_after": "36500d"}},
+            400,
+            "'offline_after' must be at most 365 days",
+        ),
+        (
+            "POST",
+            "/v1/campaigns",
+            {"body": {"group": "lab", "reason": "r", "est_server": EST, "rate_per_minute": 10**12}},
+            400,
+            "'rate_per_minute' 1000000000000/min must be at most 100000/min",
+        ),
+        (
+            "POST",
+            "/v1/campaigns",
             {"body": {"group": "lab", "reason": "r", "est_server": EST, "device_deadline": "1e9w"}},
             400,
             "device_deadline='1e9w' is not a positive duration",

@@ -191,7 +191,12 @@ _CAMPAIGN_CREATE = {
         "hsm_pkey_ids": _SLOTS,
         "hsm_cert_ids": _SLOTS,
         "canary_share": {**_SHARE, "description": "Share of devices that go first (0.05)"},
-        "rate_per_minute": {"type": "integer", "minimum": 1, "description": "Default 60"},
+        "rate_per_minute": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100_000,
+            "description": "Default 60",
+        },
         "failure_threshold": {**_SHARE, "description": "Abort above this failed share (0.1)"},
         "canary_deadline": {**_SPAN, "description": "Default 30m"},
         "device_deadline": {**_SPAN, "description": "Default 2h"},

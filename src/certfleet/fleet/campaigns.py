@@ -65,6 +65,12 @@ RATE_WINDOW = dt.timedelta(minutes=1)
 LATE = "no new certificate within"
 
 
+# Bounds that keep every setting meaningful and inside its store column (seconds
+# and rates are 32-bit integers).
+MAX_RATE_PER_MINUTE = 100_000
+LONGEST_WAIT = dt.timedelta(days=365)
+
+
 class CampaignError(StoreError):
     """An operator request about a campaign cannot be done; the message says why."""
 
@@ -124,6 +130,10 @@ class CampaignSettings:
             raise CampaignError(f"--canary-share {self.canary_share} must be between 0 and 1")
         if self.rate_per_minute < 1:
             raise CampaignError(f"--rate {self.rate_per_minute}/min must be at least 1/min")
+        if self.rate_per_minute > MAX_RATE_PER_MINUTE:
+            raise CampaignError(
+                f"--rate {self.rate_per_minute}/min must be at most {MAX_RATE_PER_MINUTE}/min"
+            )
         if not 0 <= self.failure_threshold <= 1:
             raise CampaignError(
                 f"--failure-threshold {self.failure_threshold} must be between 0 and 1"
@@ -135,6 +145,8 @@ class CampaignSettings:
         ):
             if value.total_seconds() < 1:
                 raise CampaignError(f"{option} must be at least one second")
+            if value > LONGEST_WAIT:
+                raise CampaignError(f"{option} must be at most {LONGEST_WAIT.days} days")
 
 
 @dataclass(frozen=True)
