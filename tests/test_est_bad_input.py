@@ -307,7 +307,7 @@ async def no_auth_at_all(env):
     return lambda: env.post_csr("simpleenroll", csr)
 
 
-@case(401, "Authorization header is not HTTP Basic")
+@case(401, "the EST username has a NUL character")
 async def username_with_a_nul(env):
     csr = make_csr(generate_private_key())
     return lambda: env.post_csr("simpleenroll", csr, auth=("dev\x00ice", "pw"))

@@ -7,6 +7,8 @@ from typing import Any
 from certfleet.fleet.device_views import STATUSES
 from certfleet.store.schema import CampaignDeviceState, CampaignStatus
 
+from .params import MAX_ID
+
 _STR = {"type": "string"}
 _OPT_STR = {"type": ["string", "null"]}
 _TIME = {"type": "string", "format": "date-time"}
@@ -41,7 +43,7 @@ UUID = {
 # Path parameters by name; any other is a plain string.
 PATH_PARAMS: dict[str, dict[str, Any]] = {
     "uuid": UUID,
-    "id": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
+    "id": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
 }
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from certfleet.refusals import framework_refusal, log_fault, log_refusal, method_not_allowed
+from certfleet.storable_text import unstorable
 
 from .errors import EstError, bad_request, unauthorized
 from .peer import PeerGetter, PeerReader
@@ -153,13 +154,15 @@ def _basic(request: web.Request) -> BasicCredentials | None:
         )
         if not colon:
             raise ValueError("no colon")
-        if "\x00" in username:  # no stored username has one, and PostgreSQL cannot look it up
-            raise ValueError("NUL in the username")
     except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raise unauthorized(
             "bad-authorization",
             "Authorization header is not HTTP Basic: send 'Basic base64(username:password)'",
         ) from exc
+    # No stored username has one, and the store could not even look it up.
+    problem = unstorable(username)
+    if problem:
+        raise unauthorized("bad-authorization", f"the EST username has {problem}")
     return BasicCredentials(username, password)
 
 
